@@ -1,0 +1,73 @@
+"""The `minigpt` command: one sub-command per stage of the book, each living in its own module.
+
+A command module provides `add_arguments(parser, command)` and `run(args, command) -> int | None`. Modules are
+imported only when their command runs, so `minigpt --help` is instant and `minigpt chat` never imports gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+
+from .errors import MiniGPTError
+
+# command -> (module, one-line description); the order is the order of the book.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("minigpt.quickstart", "corpus -> tokenizer -> pretrain -> SFT -> eval -> chat, in one run, no files needed"),
+    "train-tokenizer": ("minigpt.tokenization", "train a byte-level BPE tokenizer with a ChatML chat template"),
+    "pretrain": ("minigpt.train", "pretrain a model from a preset on plain text (\"pretraining learns knowledge\")"),
+    "sft": ("minigpt.train", "supervised fine-tuning on conversations (\"SFT learns to talk\")"),
+    "dpo": ("minigpt.train", "preference tuning with DPO on chosen/rejected pairs"),
+    "eval": ("minigpt.evaluate", "perplexity, bits per byte and held-out question accuracy"),
+    "chat": ("minigpt.chat", "streaming chat in the terminal with any chat model"),
+    "demo": ("minigpt.demo", "web chat demo (Gradio)"),
+    "export": ("minigpt.export", "write a folder ready to push as a Hugging Face Space"),
+    "push": ("minigpt.export", "upload a model directory to the Hugging Face Hub"),
+    "convert": ("minigpt.convert", "convert between MiniGPT and transformers' native GPT-2/Qwen2/Llama/Qwen3 classes"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: minigpt <command> [options]   (minigpt <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"minigpt {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"minigpt: error: unknown command '{command}'{hint}; run 'minigpt --help' for the list", file=sys.stderr)
+        return 2
+    module_name, description = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"minigpt {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    module.add_arguments(parser, command)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args, command) or 0)
+    except MiniGPTError as error:
+        print(f"minigpt {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minigpt {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

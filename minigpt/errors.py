@@ -1,0 +1,24 @@
+"""The one exception type for mistakes in what the user gave us (a file, a flag, a config field).
+
+The CLI prints its message as a single line and exits non-zero, so the message must say *what* was wrong and
+*where* (file, line, field). Anything else that escapes is a bug in MiniGPT and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class MiniGPTError(Exception):
+    """A user-facing error: printed as one line by the `minigpt` command, no traceback."""
+
+
+def located(path: str | os.PathLike | None, message: str, line: int | None = None, field: str | None = None) -> str:
+    """Format `message` with where it happened: `file.jsonl:12: field 'conversations': ...`."""
+    where = str(path) if path is not None else ""
+    if line is not None:
+        where += f":{line}"
+    prefix = f"{where}: " if where else ""
+    if field:
+        prefix += f"field '{field}': "
+    return prefix + message

@@ -1,0 +1,415 @@
+"""MiniGPT: a decoder-only transformer, GPT-2 style or Qwen2.5 style, as a Hugging Face `PreTrainedModel`.
+
+Read it top to bottom like the book: normalisation -> position information (learned table or rotary) -> attention
+(MHA/GQA/MQA, causal mask, KV cache) -> feed-forward (GELU or SwiGLU) -> transformer block -> model -> LM head.
+Every architectural difference is a config field (see `configuration_minigpt.py`), never a copied class.
+
+Parameter names are transformers' Llama/Qwen2 names (`model.layers.N.self_attn.q_proj`, `mlp.down_proj`, ...), so
+peft, TRL, vLLM and conversion scripts find the layers they expect. This file is copied next to the weights by
+`save_pretrained`; it imports only torch, transformers and (relatively) its config, so it loads with
+`trust_remote_code=True` where the `minigpt` package is not installed.
+
+Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_minigpt import MiniGPTConfig
+
+# --------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTRMSNorm(nn.Module):
+    """RMSNorm (Qwen, Llama): scale by the root mean square, no centring, no bias. Computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # float32 statistics keep bf16/fp16 training stable; the fused kernel does mean-square, rsqrt and scale at once.
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def make_norm(config: MiniGPTConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Qwen), as the config says."""
+    size = size or config.hidden_size
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(size, eps=config.norm_eps)
+    return MiniGPTRMSNorm(size, eps=config.norm_eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE): positions enter attention as rotations of query/key pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(config: MiniGPTConfig) -> torch.Tensor:
+    """theta^(-2i/hs) for i < hs/2: one rotation speed per pair of head dimensions."""
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+class MiniGPTRotaryEmbedding(nn.Module):
+    """Turns position ids into the (cos, sin) tables that rotate queries and keys."""
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Not saved with the weights (recomputed in `_init_weights` after `from_pretrained`).
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T, hs/2): angle = position x frequency, computed in float32 even under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float32)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (B, heads, T, hs) queries and keys by their positions' angles."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, T, hs) -> (B, nkv * n_rep, T, hs): each key/value head serves n_rep query heads (GQA)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(hs) + mask) V, written out; the reference the fused kernels are tested against."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, Tq, Tk)
+    if attention_mask is not None:
+        scores = scores + attention_mask  # 0 where allowed, -inf (or dtype min) where masked
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, Tq, nh, hs)
+    return output, weights
+
+
+class MiniGPTAttention(nn.Module):
+    """Causal self-attention with grouped key/value heads; the cache stores only the nkv key/value heads."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_key_value_groups  # read by transformers' sdpa/flex functions
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.o_proj.writes_residual = True  # read by _init_weights
+        if config.qk_norm:  # Qwen3: normalise each head's query and key before the rotation
+            self.q_norm = MiniGPTRMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = MiniGPTRMSNorm(self.head_dim, eps=config.norm_eps)
+        self.resid_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # (B, T)
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hs)
+        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hs)
+        value = self.v_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, heads, T, hs)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+
+        if cache is not None:  # append this step's keys/values; get back the whole history (B, nkv, T_total, hs)
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hs)
+        return self.resid_dropout(self.o_proj(output)), weights
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Feed-forward
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTMLP(nn.Module):
+    """Position-wise feed-forward: GELU two-layer (GPT-2) or SwiGLU, act(gate(x)) * up(x) (Qwen, Llama)."""
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        self.gated = config.mlp_type == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj.writes_residual = True  # read by _init_weights
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            hidden = self.act_fn(self.up_proj(x))
+        return self.dropout(self.down_proj(hidden))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer block: pre-norm attention and feed-forward, each added back to the residual stream
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MiniGPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = MiniGPTAttention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MiniGPTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTPreTrainedModel(PreTrainedModel):
+    config_class = MiniGPTConfig
+    config: MiniGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniGPTDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": MiniGPTDecoderLayer, "attentions": MiniGPTAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # `transformers.initialization` skips tensors already loaded by from_pretrained.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # GPT-2's scaled init: projections that write into the residual stream shrink with depth.
+            scale = (2 * self.config.num_hidden_layers) ** -0.5 if getattr(module, "writes_residual", False) else 1.0
+            init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, MiniGPTRMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MiniGPTRotaryEmbedding):
+            # Non-persistent buffers come back uninitialised from from_pretrained's meta-device build.
+            init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
+
+
+class MiniGPTModel(MiniGPTPreTrainedModel):
+    """Token ids -> contextual hidden states (B, T, C)."""
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.rotary_emb = MiniGPTRotaryEmbedding(config)
+        self.embed_dropout = nn.Dropout(config.embedding_dropout)
+        self.layers = nn.ModuleList(MiniGPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MiniGPTModel.forward: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:  # positions continue after what the cache has already seen
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        # (B, 1, Tq, Tk) additive mask: causal and padding; None when the kernel can apply causality itself.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = None
+        if self.config.position_embedding_type == "learned":
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        else:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        hidden_states = self.embed_dropout(hidden_states)
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, attention_mask=mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
+    """MiniGPTModel plus the LM head: hidden states -> next-token logits over the vocabulary."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__(config)
+        self.model = MiniGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""`labels` are the input ids themselves (shifted inside the loss); -100 marks positions without loss.
+        `logits_to_keep=k` computes logits for the last k positions only (generation needs just one)."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MiniGPTForCausalLM", "MiniGPTModel", "MiniGPTPreTrainedModel"]
