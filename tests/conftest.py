@@ -1,0 +1,27 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Real text fixtures live beside the project root (read-only, also in CI); never copied into the project.
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`, or skip the test with the reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real-data fixtures not found at {SHARED_DATA} (the ../shared folder beside the project)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep evidence worth looking at afterwards (screenshots, plots); gitignored."""
+    path = PROJECT_ROOT / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
