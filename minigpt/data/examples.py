@@ -206,9 +206,8 @@ def prepare_preference(dataset: Dataset, tokenizer, max_length: int, num_proc: i
     printed and an empty result is a MiniGPTError."""
 
     def prompt_fits(batch: dict[str, list]) -> list[bool]:
-        prompts = tokenizer.apply_chat_template(batch["prompt"], tokenize=True, add_generation_prompt=True)
-        prompts = prompts["input_ids"] if isinstance(prompts, dict) else prompts
-        return [len(ids) < max_length for ids in prompts]
+        prompts = tokenizer.apply_chat_template(batch["prompt"], add_generation_prompt=True, return_dict=True)
+        return [len(ids) < max_length for ids in prompts["input_ids"]]
 
     kept = dataset.filter(prompt_fits, batched=True, num_proc=num_proc, desc="Checking prompt lengths")
     dropped = len(dataset) - len(kept)

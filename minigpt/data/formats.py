@@ -369,6 +369,7 @@ def _read_json_lines(path: Path) -> Iterator[tuple[int, dict | InvalidRecord]]:
                 if isinstance(line, InvalidRecord):
                     yield line_number, line
                 else:
+                    line = line.rstrip("\r\n")  # so an unclosed string is reported as such, not as a stray newline
                     yield line_number, _parse_json_object(line.lstrip("\ufeff") if line_number == 1 else line)
 
 
