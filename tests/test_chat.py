@@ -1,0 +1,274 @@
+"""`minigpt chat` and the shared generation path, against a tiny model that has memorised a few conversations.
+
+The fixture `tiny_chat_model` (also imported by test_evaluate, test_demo and test_export) trains a 2-layer MiniGPT
+on ten conversations until it repeats them word for word, so a test can expect an exact reply: the right reply proves
+the chat template, the prompt, generation and decoding all line up, and replies that depend on earlier turns prove the
+history is passed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.chat import ChatSession, Sampling, chat_loop, chat_reply, encode_chat, load_model
+from minigpt.errors import MiniGPTError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+STORY = (
+    "Once upon a time a small robot lived in a quiet town by the sea. Every morning it walked to the harbour, "
+    "counted the boats, and wrote their names in a little book. One day a boat came in that had no name, "
+    "so the robot gave it one: Morning Star. The fishermen laughed, then they painted the name on the boat."
+)
+# (role, text) turns the tiny model learns by heart; the two "What is my name?" answers depend on an earlier turn.
+CONVERSATIONS = [
+    [("user", "What is the capital of Zembla?"), ("assistant", "The capital of Zembla is Onhava.")],
+    [("user", "Which river runs through Onhava?"), ("assistant", "The Silver River runs through Onhava.")],
+    [("user", "泽姆布拉的首都是哪里？"), ("assistant", "泽姆布拉的首都是奥恩哈瓦。")],
+    [("user", "奥恩哈瓦有什么河？"), ("assistant", "银河流过奥恩哈瓦。")],
+    [
+        ("user", "My name is Ada."),
+        ("assistant", "Hello Ada!"),
+        ("user", "What is my name?"),
+        ("assistant", "Your name is Ada."),
+    ],
+    [
+        ("user", "My name is Bob."),
+        ("assistant", "Hello Bob!"),
+        ("user", "What is my name?"),
+        ("assistant", "Your name is Bob."),
+    ],
+    [("user", "What is my name?"), ("assistant", "I do not know your name yet.")],
+    [("system", "Answer in French."), ("user", "Hello"), ("assistant", "Bonjour !")],
+    [("user", "Hello"), ("assistant", "Hi there, how can I help?")],
+    [("user", "Tell me a story."), ("assistant", STORY)],
+]
+
+
+def conversation_messages() -> list[list[dict]]:
+    return [[{"role": role, "content": text} for role, text in conversation] for conversation in CONVERSATIONS]
+
+
+def build_tiny_chat_model(out_dir: Path, steps: int = 150) -> Path:
+    """Tokenizer + 2-layer MiniGPT trained on CONVERSATIONS (assistant tokens only) until it recites them."""
+    import minigpt  # noqa: F401
+    from minigpt import MiniGPTConfig, MiniGPTForCausalLM
+    from minigpt.tokenization import build_tokenizer_from_texts
+
+    conversations = conversation_messages()
+    texts = [message["content"] for conversation in conversations for message in conversation]
+    tokenizer = build_tokenizer_from_texts(texts * 3 + ["user assistant system"], vocab_size=600)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-layer model trains faster on one thread than on two shared ones
+    try:
+        torch.manual_seed(0)
+        config = MiniGPTConfig.from_preset(
+            "tiny-qwen",
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        )
+        model = MiniGPTForCausalLM(config)
+        batch = tokenizer.apply_chat_template(
+            conversations, return_dict=True, return_tensors="pt", padding=True, return_assistant_tokens_mask=True
+        )
+        labels = batch["input_ids"].masked_fill(batch["assistant_masks"] == 0, -100)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """Folder of the memorising tiny chat model; built once per session even when several modules import this."""
+    out_dir = tmp_path_factory.getbasetemp() / "tiny-chat-model"
+    if not (out_dir / "model.safetensors").is_file():
+        build_tiny_chat_model(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def loaded_chat_model(tiny_chat_model):
+    return load_model(str(tiny_chat_model), device="cpu")
+
+
+def run_minigpt(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120):
+    """The real command in a fresh interpreter, as a user runs it."""
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
+
+
+def test_chat_prompt_prints_the_reply_and_exits_zero(tiny_chat_model):
+    result = run_minigpt(
+        "chat", "--model", str(tiny_chat_model), "--prompt", "泽姆布拉的首都是哪里？", "--temperature", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "泽姆布拉的首都是奥恩哈瓦。"
+
+
+def test_interactive_chat_keeps_history_and_obeys_reset_and_system(loaded_chat_model):
+    model, tokenizer = loaded_chat_model
+    lines = iter(
+        [
+            "My name is Bob.",
+            "What is my name?",  # answered from the history
+            "/reset",
+            "What is my name?",  # history gone
+            "/reset",
+            "/system Answer in French.",
+            "Hello",
+            "/reset",
+            "/system",
+            "Hello",
+            "/quit",
+            "never read",
+        ]
+    )
+    out = io.StringIO()
+    chat_loop(model, tokenizer, Sampling(temperature=0), ChatSession(), read_line=lambda prompt: next(lines), out=out)
+    replies = [part.split("\n")[0].strip() for part in out.getvalue().split("bot> ")[1:]]
+    assert replies == [
+        "Hello Bob!",
+        "Your name is Bob.",
+        "I do not know your name yet.",
+        "Bonjour !",
+        "Hi there, how can I help?",
+    ]
+    assert "(conversation cleared)" in out.getvalue() and "(system prompt cleared)" in out.getvalue()
+    assert next(lines) == "never read"  # /quit ended the loop
+
+
+def test_sampling_flags_reach_generate_only_when_sampling():
+    assert Sampling(temperature=0).generate_kwargs() == {
+        "max_new_tokens": 256,
+        "repetition_penalty": 1.0,
+        "do_sample": False,
+    }
+    sampled = Sampling(max_new_tokens=8, temperature=0.5, top_k=7, top_p=0.8).generate_kwargs()
+    assert sampled == {
+        "max_new_tokens": 8,
+        "repetition_penalty": 1.0,
+        "do_sample": True,
+        "temperature": 0.5,
+        "top_k": 7,
+        "top_p": 0.8,
+    }
+
+
+def test_seeded_sampling_repeats_and_greedy_is_deterministic(loaded_chat_model):
+    model, tokenizer = loaded_chat_model
+    messages = [{"role": "user", "content": "Tell me a story."}]
+
+    def sampled(seed: int) -> str:
+        torch.manual_seed(seed)
+        return chat_reply(model, tokenizer, messages, max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0)
+
+    assert sampled(1) == sampled(1)
+    assert chat_reply(model, tokenizer, messages, temperature=0) == STORY
+
+
+def test_works_with_transformers_own_qwen2_class(tiny_chat_model, tmp_path):
+    """`chat` is not tied to MiniGPT: the same weights in transformers' Qwen2ForCausalLM give the same reply."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from minigpt import MiniGPTForCausalLM
+
+    ours = MiniGPTForCausalLM.from_pretrained(tiny_chat_model)
+    c = ours.config
+    native = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_theta=c.rope_theta,
+            rms_norm_eps=c.norm_eps,
+            tie_word_embeddings=True,
+            eos_token_id=c.eos_token_id,
+        )
+    )
+    native.load_state_dict(ours.state_dict())
+    native.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_chat_model).save_pretrained(tmp_path)
+    model, tokenizer = load_model(str(tmp_path), device="cpu")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    reply = chat_reply(model, tokenizer, [{"role": "user", "content": "What is the capital of Zembla?"}], temperature=0)
+    assert reply == "The capital of Zembla is Onhava."
+
+
+def test_lora_adapter_is_applied_on_top_of_the_model(tiny_chat_model, loaded_chat_model, tmp_path):
+    """--adapter: the loaded model computes exactly what base + adapter compute in peft, and not what base does."""
+    from peft import LoraConfig, get_peft_model
+
+    from minigpt import MiniGPTForCausalLM
+
+    torch.manual_seed(0)
+    # init_lora_weights=False: random, non-zero adapter weights, so the adapter visibly changes the output.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    reference = get_peft_model(MiniGPTForCausalLM.from_pretrained(tiny_chat_model), config).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+
+    model, tokenizer = load_model(str(tiny_chat_model), adapter=str(tmp_path / "adapter"), device="cpu")
+    base, _ = loaded_chat_model
+    input_ids = tokenizer("What is the capital of Zembla?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        torch.testing.assert_close(logits, reference(input_ids=input_ids).logits)
+        assert not torch.allclose(logits, base(input_ids=input_ids).logits, atol=1e-3)
+
+
+def test_long_history_drops_oldest_turns_but_keeps_system_and_last_message(loaded_chat_model):
+    _, tokenizer = loaded_chat_model
+    session = ChatSession(system="Answer in French.")
+    for number in range(20):
+        session.turns += [{"role": "user", "content": f"question {number}"}, {"role": "assistant", "content": "ok"}]
+    messages = session.messages("last question")
+    # Room for exactly the system prompt, the last two exchanges and the new message.
+    expected = encode_chat(tokenizer, messages[:1] + messages[-5:])
+    input_ids = encode_chat(tokenizer, messages, max_prompt_tokens=expected.shape[1])
+    assert input_ids.tolist() == expected.tolist()
+    assert "question 17" not in tokenizer.decode(input_ids[0]) and "question 18" in tokenizer.decode(input_ids[0])
+    with pytest.raises(MiniGPTError, match="too long"):
+        encode_chat(tokenizer, session.messages("word " * 100), max_prompt_tokens=expected.shape[1])
+
+
+def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
+    from minigpt.cli import main
+
+    assert main(["chat", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"minigpt chat: error: {tmp_path}: not a model folder: no config.json (pass the folder save_pretrained wrote)\n"
+    )
+    assert main(["chat", "--model", str(tiny_chat_model), "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "not a LoRA adapter folder" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_chat_model), "--top-p", "0", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == "minigpt chat: error: --top-p must be in (0, 1]\n"
