@@ -1,0 +1,80 @@
+"""The model card (README.md) written into every trained model directory: Hub metadata plus the facts of the run.
+
+The YAML header is what the Hub indexes (language, tags, library, pipeline); the body tells a reader what the model
+is, how it was trained and on what, its final losses, and how to load it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+_HAN = re.compile(r"[\u3400-\u9fff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def detect_languages(texts: Iterable[str], max_chars: int = 200_000) -> list[str]:
+    """ "en" and/or "zh" by the share of Latin letters and Han characters in (a prefix of) the training text."""
+    han = latin = total = 0
+    for text in texts:
+        han += len(_HAN.findall(text))
+        latin += len(_LATIN.findall(text))
+        total += len(text)
+        if total >= max_chars:
+            break
+    languages = [code for code, count in (("en", latin), ("zh", han)) if total and count / total >= 0.05]
+    return languages or ["en"]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_model_card(facts: dict[str, Any], languages: list[str], tags: list[str]) -> str:
+    """README.md text: a YAML header (language, tags, library_name, pipeline_tag) and a table of the run's facts."""
+    from huggingface_hub import ModelCardData
+
+    header = ModelCardData(
+        language=languages, tags=tags, library_name="transformers", pipeline_tag="text-generation"
+    ).to_yaml()
+    is_adapter = facts.get("lora") and not facts.get("merged")
+    load = (
+        "from peft import AutoPeftModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n\n"
+        'model = AutoPeftModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
+        if is_adapter
+        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
+    )
+    rows = "\n".join(f"| {key} | {_number(value)} |" for key, value in facts.items() if value is not None)
+    kind = "LoRA adapter" if is_adapter else "causal language model"
+    return f"""---
+{header}
+---
+
+# {facts.get("name", "MiniGPT model")}
+
+A small {kind} trained with MiniGPT (`minigpt {facts["stage"]}`). It loads with plain transformers (the modeling code ships in this folder):
+
+```python
+{load}tokenizer = AutoTokenizer.from_pretrained("PATH")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]))
+```
+
+## Training run
+
+| fact | value |
+|---|---|
+{rows}
+
+Training curves: `loss.png`; TensorBoard logs: `runs/` (`tensorboard --logdir runs`).
+"""
