@@ -11,6 +11,7 @@ decoding.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -116,12 +117,13 @@ def build_tokenizer_from_texts(
     return _wrap(tokenizer)
 
 
-def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
+def bytes_per_token(tokenizer, texts: Iterable[str], batch_size: int = 256) -> float:
     """UTF-8 bytes per token over `texts`: higher means the tokenizer compresses better."""
     total_bytes = total_tokens = 0
-    for text in texts:
-        total_bytes += len(text.encode("utf-8"))
-        total_tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        total_bytes += sum(len(text.encode("utf-8")) for text in batch)
+        total_tokens += sum(map(len, tokenizer(batch, add_special_tokens=False)["input_ids"]))
     return total_bytes / total_tokens if total_tokens else float("nan")
 
 

@@ -512,10 +512,9 @@ def iter_records(
                     fmt = FORMATS.get(detect_format(raw, text_field) or "")
                     if fmt is None:
                         keys = ", ".join(map(repr, list(raw)[:8]))
-                        hint = f"no field '{text_field}'" if text_field else "cannot tell the format from the fields"
-                        raise MiniGPTError(
-                            located(path, f"{hint} ({keys}); pass --format (one of {', '.join(FORMATS)})", line)
-                        )
+                        problem = f"no field '{text_field}'" if text_field else "cannot tell the format from the fields"
+                        hint = "pass --text-field FIELD for records that hold text, or --format " + "/".join(FORMATS)
+                        raise MiniGPTError(located(path, f"{problem} ({keys}); {hint}", line))
                 record = {"text": raw} if fmt.convert is None else fmt.convert(raw, text_field)
             except InvalidRecord as problem:
                 if not skip_invalid:
