@@ -46,35 +46,29 @@ def add_data_arguments(parser: argparse.ArgumentParser, kind: str | None = None,
         metavar="PATH",
         help="data files or folders: .txt, .jsonl, .json, .parquet (folders are searched recursively)",
     )
-    formats = "; ".join(f"{name}: {fmt.description}" for name, fmt in FORMATS.items())
     group.add_argument(
-        "--format", choices=list(FORMATS), default=None, help=f"force the format instead of detecting it ({formats})"
+        "--format",
+        choices=list(FORMATS),
+        default=None,
+        help="force the format instead of detecting it from the records",
     )
-    group.add_argument(
-        "--text-field", default=None, help="field holding the text in JSON records, e.g. 'paragraphs' (default: text)"
-    )
+    group.add_argument("--text-field", default=None, help="JSON field holding the text, e.g. paragraphs; None: 'text'")
     group.add_argument(
         "--skip-invalid", action="store_true", help="skip bad records and print a count by reason instead of stopping"
     )
     if kind == "pretrain":
         group.add_argument(
-            "--block-size",
-            type=int,
-            default=None,
-            help="tokens per training block (default: the model's context length)",
+            "--block-size", type=int, default=None, help="tokens per training block; None: the model's context length"
         )
         group.add_argument(
             "--stride",
             type=int,
             default=None,
-            help="start a block every STRIDE tokens (overlapping sliding windows); default: the block size",
+            help="start a block every STRIDE tokens (overlapping sliding windows); None: the block size",
         )
     elif kind in ("sft", "preference"):
         group.add_argument(
-            "--max-length",
-            type=int,
-            default=None,
-            help="longest example in tokens (default: the model's context length)",
+            "--max-length", type=int, default=None, help="longest example in tokens; None: the model's context length"
         )
     if kind is not None:
         group.add_argument("--num-proc", type=int, default=None, help="processes for tokenizing the data")

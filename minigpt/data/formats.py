@@ -644,6 +644,7 @@ def load_records(
     Results are cached by file identity (path, size, modification time) and settings, so the second run of a stage
     on a multi-GB file starts at once. Preference data can be read as kind "sft" (prompt + chosen reply)."""
     from datasets import Dataset
+    from tqdm.auto import tqdm
 
     features = record_features(kind)
     files = find_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
@@ -656,6 +657,7 @@ def load_records(
     else:
         skipped, formats_seen = SkipCounter(), Counter()
         records = iter_records(files, format, text_field, skip_invalid, skipped, formats_seen)
+        records = tqdm(records, desc=f"Reading {len(files)} file{'s' if len(files) != 1 else ''}", unit=" records")
         dataset = write_dataset(_batches(records, kind, files), features, arrow_path)
         summary = {"formats": dict(formats_seen), "skipped": skipped.summary() if skipped.counts else None}
         _write_text_atomically(summary_path, json.dumps(summary))
