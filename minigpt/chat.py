@@ -277,6 +277,18 @@ def chat_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messa
     return "".join(stream_reply(model, tokenizer, messages, Sampling(**sampling))).strip()
 
 
+@torch.inference_mode()
+def generate_replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], sampling: Sampling
+) -> list[str]:
+    """Replies to many conversations in one left-padded batch (evaluation: many short greedy answers at once)."""
+    prompts = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+    batch = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    output = model.generate(**batch.to(model.device), **sampling.generate_kwargs())
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
 def complete_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, **sampling) -> str:
     """Continue plain text (for pretrained models without a chat template)."""
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"]

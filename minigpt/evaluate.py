@@ -29,6 +29,7 @@ from .chat import (
     chat_reply,
     complete_text,
     context_length,
+    generate_replies,
     load_model,
     sampling_from_args,
 )
@@ -126,19 +127,27 @@ def reply_is_right(reply: str, answer: str, candidates: Iterable[str]) -> bool:
 
 
 def question_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[dict], max_new_tokens: int = 32
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[dict],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
 ) -> dict:
-    """Ask each question (greedy, no system prompt) and score the reply with `reply_is_right`.
+    """Ask each question (greedy, no system prompt, `batch_size` at a time) and score it with `reply_is_right`.
 
     `questions` are dicts with `question`, `answer`, `candidates` and optionally `language`. Returns `accuracy`,
     `correct`, `total`, `by_language` ({language: {accuracy, correct, total}}) and `results` (one dict per question).
     """
+    greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
     results = []
-    for item in tqdm(questions, desc="questions", unit="q", disable=len(questions) < 8):
-        messages = [{"role": "user", "content": item["question"]}]
-        reply = chat_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=0.0)
-        right = reply_is_right(reply, item["answer"], item.get("candidates", []))
-        results.append({**item, "reply": reply, "correct": right})
+    with tqdm(total=len(questions), desc="questions", unit="q", disable=len(questions) <= batch_size) as progress:
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start : start + batch_size]
+            conversations = [[{"role": "user", "content": item["question"]}] for item in batch]
+            for item, reply in zip(batch, generate_replies(model, tokenizer, conversations, greedy)):
+                right = reply_is_right(reply, item["answer"], item.get("candidates", []))
+                results.append({**item, "reply": reply, "correct": right})
+            progress.update(len(batch))
     by_language: dict[str, dict] = {}
     for result in results:
         counts = by_language.setdefault(result.get("language", "unknown"), {"correct": 0, "total": 0})
@@ -219,6 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-qa", action="store_true", help="skip the question accuracy")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world the model was trained on")
     parser.add_argument("--world-size", type=int, default=None, help="size of that world (default: its default)")
+    parser.add_argument("--qa-limit", type=int, default=200, help="ask at most this many questions (0 = all)")
     parser.add_argument("--no-prompts", action="store_true", help="skip the fixed prompt set")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     add_sampling_arguments(parser, Sampling(max_new_tokens=64, temperature=0.0))
@@ -242,6 +252,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     if not args.no_qa and (questions is not None or tokenizer.chat_template):
         if questions is None:
             questions = _heldout_questions(args.world_seed, args.world_size)
+        if 0 < args.qa_limit < len(questions):
+            # Evenly spaced, so both languages and every kind of question stay in the sample.
+            questions = [questions[i * len(questions) // args.qa_limit] for i in range(args.qa_limit)]
         qa = question_accuracy(model, tokenizer, questions)
         report.update(qa_accuracy=qa["accuracy"], qa_correct=qa["correct"], qa_total=qa["total"])
         report["qa_by_language"] = qa["by_language"]

@@ -9,7 +9,9 @@ import pytest
 import torch
 from test_chat import loaded_chat_model, one_torch_thread, run_minigpt, tiny_chat_model  # noqa: F401  (shared fixtures)
 
+from minigpt.chat import Sampling, chat_reply, generate_replies
 from minigpt.cli import main
+from minigpt.data.world import build_world
 from minigpt.evaluate import perplexity, question_accuracy, reply_is_right
 
 TEXT = "Once upon a time a small robot lived in a quiet town by the sea. 泽姆布拉的首都是奥恩哈瓦。 The end."
@@ -92,6 +94,27 @@ def test_question_accuracy_overall_and_per_language(loaded_chat_model):  # noqa:
         "en": {"correct": 1, "total": 2, "accuracy": 0.5},
         "zh": {"correct": 1, "total": 1, "accuracy": 1.0},
     }
+
+
+def test_batched_replies_equal_one_by_one_replies(loaded_chat_model):  # noqa: F811
+    """question_accuracy answers a left-padded batch at once; padding must not change a single greedy token."""
+    model, tokenizer = loaded_chat_model
+    conversations = [
+        [{"role": "user", "content": text}] for text in ("Hello", "Tell me a story.", "奥恩哈瓦有什么河？")
+    ]
+    batched = generate_replies(model, tokenizer, conversations, Sampling(max_new_tokens=40, temperature=0))
+    assert batched == [chat_reply(model, tokenizer, c, max_new_tokens=40, temperature=0) for c in conversations]
+    assert batched[0] == "Hi there, how can I help?" and batched[2] == "银河流过奥恩哈瓦。"
+
+
+def test_eval_asks_the_built_in_worlds_heldout_questions(tiny_chat_model, capsys):  # noqa: F811
+    args = ["eval", "--model", str(tiny_chat_model), "--qa-limit", "6", "--no-prompts", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["qa_total"] == 6 and set(report["qa_by_language"]) == {"en", "zh"}
+    assert 0.0 <= report["qa_accuracy"] <= 1.0 and "perplexity" not in report  # no --text: no perplexity
+    heldout = {item["question"] for item in build_world(seed=0).heldout_questions()}
+    assert {item["question"] for item in report["qa_results"]} <= heldout
 
 
 def test_eval_json_is_reproducible_and_matches_the_library(tiny_chat_model, loaded_chat_model, tmp_path, capsys):  # noqa: F811
