@@ -1,0 +1,112 @@
+"""Timing on a shared, noisy machine: interleaved rounds, medians, and a matmul ceiling measured alongside.
+
+Two models timed one after the other see different background load; timed in alternation (A B A B ...) they see the
+same load on average, and the median of each ignores the rounds a neighbour's job disturbed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+CEILING_SIZE = 2048  # square fp32 matmul: large enough to run at the BLAS library's best speed on a CPU
+
+
+def configure_cpu(threads: int) -> None:
+    """Same settings for every contestant: thread count, and denormals flushed (they make AdamW 5-10x slower)."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(size: int = CEILING_SIZE, repeats: int = 3, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best GFLOP/s of a (size x size) @ (size x size) matmul: what the hardware and BLAS deliver on dense math."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pool, BLAS buffers
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def interleaved(
+    contestants: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    ceiling: bool = True,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each contestant, called in alternation for `rounds` rounds after `warmup` rounds.
+
+    With `ceiling`, each round also measures the matmul ceiling, returned under the key "ceiling_gflops".
+    """
+    for _ in range(warmup):
+        for run in contestants.values():
+            run()
+    synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in contestants}
+    if ceiling:
+        seconds["ceiling_gflops"] = []
+    for index in range(rounds):
+        # Alternate which contestant goes first, so neither always follows the ceiling's matmuls.
+        order = list(contestants) if index % 2 == 0 else list(reversed(contestants))
+        this_round = {}
+        for name in order:
+            start = time.perf_counter()
+            contestants[name]()
+            synchronize(device)
+            this_round[name] = time.perf_counter() - start
+            seconds[name].append(this_round[name])
+        if ceiling:
+            this_round["ceiling_gflops"] = matmul_gflops(device=device)
+            seconds["ceiling_gflops"].append(this_round["ceiling_gflops"])
+        if on_round is not None:
+            on_round(index, this_round)
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: on a 2-core machine shared with others, anything above ~2 means contention."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        hardware = torch.cuda.get_device_name()
+    else:
+        hardware = f"{cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} threads"
+    return f"{hardware}; torch {torch.__version__}; load average {load_average()}"
