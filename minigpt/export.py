@@ -19,9 +19,13 @@ import string
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .chat import Sampling, add_sampling_arguments, sampling_from_args
 from .errors import MiniGPTError, located
+
+if TYPE_CHECKING:
+    from .chat import Sampling
+# minigpt.chat (torch, transformers) is imported only where needed, so `push` fails fast without a login or network.
 
 # What a model folder needs at inference time; training leftovers (optimizer state, checkpoints, logs) stay behind.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".py", ".jinja", ".model", ".txt", ".tiktoken")
@@ -145,6 +149,8 @@ def export_space(
     overwrite: bool = False,
 ) -> Path:
     """Write the Space folder; built in a temporary folder beside `out_dir` and moved into place at the end."""
+    from .chat import Sampling
+
     sampling = sampling or Sampling()
     out = Path(out_dir)
     bundled = Path(model).exists()
@@ -266,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--concurrency", type=int, default=2, help="replies generated at once on the Space")
         parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait on the Space")
         parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+        from .chat import add_sampling_arguments
+
         add_sampling_arguments(parser)
     else:
         what = parser.add_mutually_exclusive_group(required=True)
@@ -278,6 +286,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace, command: str) -> int:
     if command == "export":
+        from .chat import sampling_from_args
+
         out = export_space(
             args.model,
             args.space,

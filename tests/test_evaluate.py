@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from test_chat import loaded_chat_model, one_torch_thread, run_minigpt, tiny_chat_model  # noqa: F401  (shared fixtures)
 
-from minigpt.chat import Sampling, chat_reply, generate_replies
+from minigpt.chat import Sampling, chat_reply, complete_text, generate_replies, load_model
 from minigpt.cli import main
 from minigpt.data.world import build_world
-from minigpt.evaluate import perplexity, question_accuracy, reply_is_right
+from minigpt.evaluate import PROMPTS, perplexity, question_accuracy, reply_is_right
 
 TEXT = "Once upon a time a small robot lived in a quiet town by the sea. 泽姆布拉的首都是奥恩哈瓦。 The end."
 QUESTIONS = [
@@ -137,6 +138,19 @@ def test_eval_json_is_reproducible_and_matches_the_library(tiny_chat_model, load
 
     assert main(args) == 0  # and again in this process: the same numbers and replies
     assert json.loads(capsys.readouterr().out) == report
+
+
+def test_eval_of_a_pretrained_model_continues_the_prompts(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+    """No chat template (a model after pretraining): no question accuracy, and the prompts are continued as text."""
+    folder = tmp_path / "pretrained"
+    shutil.copytree(tiny_chat_model, folder)
+    (folder / "chat_template.jinja").unlink()
+    assert main(["eval", "--model", str(folder), "--max-new-tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "qa_accuracy" not in report and [item["prompt"] for item in report["prompts"]] == PROMPTS
+    model, tokenizer = load_model(str(folder), device="cpu", need_chat_template=False)
+    continued = [complete_text(model, tokenizer, prompt, max_new_tokens=4, temperature=0) for prompt in PROMPTS]
+    assert [item["reply"] for item in report["prompts"]] == continued
 
 
 def test_eval_bad_inputs_are_one_line_errors(tiny_chat_model, tmp_path, capsys):  # noqa: F811

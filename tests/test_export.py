@@ -1,0 +1,169 @@
+"""`minigpt export` writes a Space folder that runs on its own; `minigpt push` fails with one clear line offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gradio
+import pytest
+import torch
+from huggingface_hub import SpaceCard
+from test_chat import loaded_chat_model, one_torch_thread, run_minigpt, tiny_chat_model  # noqa: F401
+from test_demo import GREEDY, start_server, stop_server, story_reply  # noqa: F401
+
+from minigpt.chat import chat_reply, load_model
+from minigpt.cli import main
+from minigpt.export import CPU_TORCH_INDEX, export_space
+
+
+@pytest.fixture
+def trained_folder(tiny_chat_model, tmp_path) -> Path:  # noqa: F811
+    """The model folder as training leaves it: weights plus optimizer state and a checkpoint."""
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_chat_model, folder)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "optimizer.pt").write_bytes(b"\0" * 1024)
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"\0" * 1024)
+    return folder
+
+
+def test_export_writes_a_space_folder_with_the_model_bundled(tiny_chat_model, trained_folder, tmp_path):  # noqa: F811
+    out = export_space(str(trained_folder), tmp_path / "space", title="Tiny chat")
+
+    card = SpaceCard.load(out / "README.md")
+    assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gradio.__version__)
+    assert card.data.title == "Tiny chat" and card.data.get("models") is None
+    requirements = (out / "requirements.txt").read_text().splitlines()
+    assert f"--extra-index-url {CPU_TORCH_INDEX}" in requirements
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert {line.split("==")[0] for line in requirements if "==" in line} == {"torch", "transformers", "gradio"}
+
+    # The model files, without the training leftovers.
+    assert sorted(path.name for path in (out / "model").iterdir()) == sorted(
+        path.name for path in tiny_chat_model.iterdir()
+    )
+    assert {"__init__.py", "chat.py", "demo.py"} <= {path.name for path in (out / "minigpt").iterdir()}
+    assert not list(out.rglob("__pycache__"))
+    app = (out / "app.py").read_text()
+    compile(app, "app.py", "exec")
+    assert 'MODEL = str(HERE / "model")' in app and "server_name" not in app
+    assert (out.stat().st_mode & 0o777) == 0o755
+
+    # The bundled copy is a working chat model on its own.
+    model, tokenizer = load_model(str(out / "model"), device="cpu")
+    reply = chat_reply(model, tokenizer, [{"role": "user", "content": "What is the capital of Zembla?"}], temperature=0)
+    assert reply == "The capital of Zembla is Onhava."
+
+
+def test_export_with_a_hub_id_loads_the_model_from_the_hub(tmp_path, capsys):
+    assert main(["export", "--space", str(tmp_path / "space"), "--model", "someone/tiny-chat"]) == 0
+    assert "wrote the Space folder" in capsys.readouterr().out
+    assert "MODEL = 'someone/tiny-chat'" in (tmp_path / "space" / "app.py").read_text()
+    assert SpaceCard.load(tmp_path / "space" / "README.md").data.models == ["someone/tiny-chat"]
+    assert not (tmp_path / "space" / "model").exists()
+
+
+def test_export_refuses_bad_input_and_leaves_nothing_half_written(trained_folder, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert main(["export", "--space", str(occupied), "--model", str(trained_folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"minigpt export: error: {occupied}: already exists and is not empty (pass --overwrite to replace it)\n"
+    )
+    assert [path.name for path in occupied.iterdir()] == ["keep.txt"]
+
+    # No chat template: refused before anything is written.
+    (trained_folder / "chat_template.jinja").unlink()
+    config = json.loads((trained_folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (trained_folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["export", "--space", str(tmp_path / "new"), "--model", str(trained_folder)]) == 2
+    assert "the tokenizer has no chat template" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["occupied", "trained"]  # no staging folder left
+
+    assert main(["export", "--space", str(tmp_path / "new"), "--model", "not a model"]) == 2
+    assert "no such folder, and not a Hugging Face Hub id" in capsys.readouterr().err
+
+
+def test_export_overwrite_replaces_the_folder(tiny_chat_model, tmp_path):  # noqa: F811
+    out = tmp_path / "space"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_space(str(tiny_chat_model), out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "app.py").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["space"]
+
+
+def test_push_without_login_or_network_fails_with_one_line(tiny_chat_model, tmp_path):  # noqa: F811
+    no_login = {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": ""}
+    result = run_minigpt("push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", env=no_login)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "minigpt push: error: not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN, then retry"
+    )
+    # A token but no way out (a proxy that refuses connections stands in for being offline, even where CI has network).
+    dead_proxy = "http://127.0.0.1:9"
+    offline = {**no_login, "HF_TOKEN": "hf_not_a_real_token", "HTTPS_PROXY": dead_proxy, "HTTP_PROXY": dead_proxy}
+    result = run_minigpt("push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", env=offline)
+    assert result.returncode == 2
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.startswith("minigpt push: error: cannot reach the Hugging Face Hub (are you offline?): ")
+    assert "Traceback" not in result.stderr
+
+
+def test_push_in_offline_mode_says_so(tiny_chat_model, monkeypatch, capsys):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", "--token", "hf_x"]) == 2
+    assert capsys.readouterr().err == (
+        "minigpt push: error: cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it and retry\n"
+    )
+
+
+@pytest.mark.slow
+def test_exported_space_runs_in_a_fresh_venv(tiny_chat_model, story_reply, tmp_path):  # noqa: F811
+    """pip install -r requirements.txt into an empty venv, then `python app.py` serves the demo and answers."""
+    from gradio_client import Client
+
+    started = time.monotonic()
+    space = export_space(str(tiny_chat_model), tmp_path / "space")
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)  # no system site-packages
+    python = str(tmp_path / "venv" / "bin" / "python")
+    # The CPU index is unreachable here; PIP_RETRIES=0 lets pip move on at once (torch resolves from local disk).
+    pip_env = {**os.environ, "PIP_RETRIES": "0", "PYTHONPATH": ""}
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+        cwd=space,
+        env=pip_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    installed = time.monotonic()
+    check = [
+        python,
+        "-c",
+        "import torch, importlib.util; print(torch.__version__, importlib.util.find_spec('minigpt'))",
+    ]
+    probe = subprocess.run(check, cwd=tmp_path, env=pip_env, capture_output=True, text=True)
+    torch_version, minigpt_spec = probe.stdout.split()
+    assert torch_version.endswith("+cpu") and minigpt_spec == "None"  # CPU torch; minigpt only from the bundle
+
+    # PYTHONPATH emptied: the app must find `minigpt` in the bundle, not in this checkout.
+    process, url = start_server(["app.py"], space, tmp_path / "space.log", env={"PYTHONPATH": ""}, python=python)
+    try:
+        reply = Client(url, verbose=False).predict("Tell me a story.", *GREEDY, api_name="/chat")
+    finally:
+        stop_server(process)
+    assert reply.strip() == story_reply
+    print(f"fresh venv install {installed - started:.0f} s, whole test {time.monotonic() - started:.0f} s")
