@@ -223,7 +223,8 @@ def stream_generate(
     Closing the iterator early (the consumer stops reading) sets `stop`, so the thread never runs on unseen.
     """
     stop = stop or threading.Event()
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    # No timeout: a big model's first token may take long on a CPU, and a failed generate() ends the stream below.
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = sampling.generate_kwargs()
     limit = context_length(model)
     if limit is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.chat import ChatSession, Sampling, chat_loop, chat_reply, encode_chat, load_model
+from minigpt.chat import ChatSession, Sampling, chat_loop, chat_reply, encode_chat, load_model, stream_reply
 from minigpt.errors import MiniGPTError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,18 @@ def test_seeded_sampling_repeats_and_greedy_is_deterministic(loaded_chat_model):
 
     assert sampled(1) == sampled(1)
     assert chat_reply(model, tokenizer, messages, temperature=0) == STORY
+
+
+def test_a_failing_generate_ends_the_stream_with_its_error(loaded_chat_model, monkeypatch):
+    """generate() runs in a thread: its exception must reach the reader instead of leaving it waiting forever."""
+    model, tokenizer = loaded_chat_model
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(model, "forward", broken_forward)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        list(stream_reply(model, tokenizer, [{"role": "user", "content": "Hello"}], Sampling(temperature=0)))
 
 
 def test_works_with_transformers_own_qwen2_class(tiny_chat_model, tmp_path):
