@@ -99,7 +99,7 @@ def sampling_from_args(args: argparse.Namespace) -> Sampling:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (save_pretrained layout) or Hugging Face Hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (peft) to apply on top of --model")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps; if not given, cuda when available")
 
 
 def load_model(

@@ -177,14 +177,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 makes the demo reachable by others"
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=4, help="replies generated at the same time")
     parser.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are turned away")
     parser.add_argument(
-        "--max-input-tokens", type=int, default=None, help="longest message (default: half the context)"
+        "--max-input-tokens", type=int, default=None, help="longest message in tokens; if not given, half the context"
     )
-    parser.add_argument("--title", default="MiniGPT")
+    parser.add_argument("--title", default="MiniGPT", help="title shown above the chat")
     add_sampling_arguments(parser)
 
 

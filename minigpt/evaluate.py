@@ -220,14 +220,20 @@ def prompt_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--text", nargs="+", default=[], metavar="FILE", help="UTF-8 text files for perplexity")
-    parser.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the model's context)")
-    parser.add_argument("--stride", type=int, default=None, help="new tokens per window (default: half the window)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="window in tokens; if not given, the model's context length"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="new tokens scored per window; if not given, half the window"
+    )
     parser.add_argument(
         "--questions", default=None, metavar="FILE", help="JSONL questions instead of the built-in ones"
     )
     parser.add_argument("--no-qa", action="store_true", help="skip the question accuracy")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world the model was trained on")
-    parser.add_argument("--world-size", type=int, default=None, help="size of that world (default: its default)")
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="size of that world; if not given, build_world's default"
+    )
     parser.add_argument("--qa-limit", type=int, default=200, help="ask at most this many questions (0 = all)")
     parser.add_argument("--no-prompts", action="store_true", help="skip the fixed prompt set")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")

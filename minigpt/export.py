@@ -280,8 +280,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         what.add_argument("--model", help="model folder to upload (model + tokenizer, via push_to_hub)")
         what.add_argument("--space", metavar="DIR", help="an exported Space folder to upload")
         parser.add_argument("--repo", required=True, help="Hub repo: NAME (your account) or OWNER/NAME")
-        parser.add_argument("--private", action="store_true")
-        parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved `hf auth login`)")
+        parser.add_argument("--private", action="store_true", help="create the repo as private")
+        parser.add_argument(
+            "--token", default=None, help="Hub token; if not given, HF_TOKEN or the saved `hf auth login`"
+        )
 
 
 def run(args: argparse.Namespace, command: str) -> int:
