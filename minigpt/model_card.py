@@ -64,7 +64,7 @@ def render_model_card(facts: dict[str, Any], languages: list[str], tags: list[st
 A small {kind} trained with MiniGPT (`minigpt {facts["stage"]}`). It loads with plain transformers (the modeling code ships in this folder):
 
 ```python
-{load}tokenizer = AutoTokenizer.from_pretrained("PATH")
+{load}tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
 messages = [{{"role": "user", "content": "Hello!"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]))

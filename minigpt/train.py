@@ -627,11 +627,6 @@ def _prepare_checkpoints(args: argparse.Namespace, checkpoints: Path, is_main: b
 # --- the output: a Hugging Face model repo ---------------------------------------------------------------------------
 
 
-def _last(log_history: list[dict], key: str) -> float | None:
-    values = [entry[key] for entry in log_history if key in entry]
-    return values[-1] if values else None
-
-
 def plot_losses(log_history: list[dict], path: Path, title: str) -> None:
     """loss.png: training loss (and eval loss when there is one) against the step."""
     from matplotlib.figure import Figure
@@ -718,15 +713,32 @@ def _sample_texts(args: argparse.Namespace, stage: Stage, limit: int = 2000) -> 
 # --- the run ---------------------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, command: str) -> dict:
-    """Run one stage with fully resolved arguments (see `run`); returns the facts of the run."""
+@dataclass
+class StageRun:
+    """A stage ready to train: the trainer with its model and data, and what the run will report."""
+
+    stage: Stage
+    args: argparse.Namespace
+    trainer: Trainer
+    tokenizer: Any
+    out: Path
+    checkpoint: Path | None  # to resume from
+    precision: str
+    parameters: int
+    trainable: int
+    languages: list[str]
+    started: float
+
+
+def prepare(args: argparse.Namespace, command: str) -> StageRun:
+    """Model, data and trainer for one stage, from fully resolved arguments (see `run`); nothing is trained yet."""
     from .model_card import detect_languages
 
     stage = STAGES[command]
+    started = time.monotonic()
     torch.set_flush_denormal(True)  # denormals in AdamW's state make CPU elementwise ops 5-10x slower
     out = Path(args.out)
     checkpoints = out / CHECKPOINTS_DIR
-    started = time.monotonic()
 
     model, tokenizer = load_model_and_tokenizer(args, stage)
     precision = choose_precision(args.precision, model.config.hidden_size)
@@ -769,30 +781,27 @@ def train(args: argparse.Namespace, command: str) -> dict:
 
         trainer_kwargs["data_collator"] = default_data_collator
     trainer = _trainer_class(stage)(**trainer_kwargs)
-
     if is_main:
         print(
             f"minigpt {command}: {parameters:,} parameters ({trainable:,} trained), {len(train_set):,} training rows, "
             f"precision {precision}, {training_args.world_size} process(es)"
         )
-    if checkpoint is not None and _finished(checkpoint):
-        print(f"{checkpoint.name} already finished this run: nothing to train")
-        trainer._load_from_checkpoint(str(checkpoint))
-        trainer.state = trainer.state.load_from_json(str(checkpoint / "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = trainer.evaluate() if eval_set is not None else {}
-    # Trainer turns the KV cache off for training; the saved model (and any use of it in this process) wants it on.
-    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+    return StageRun(
+        stage, args, trainer, tokenizer, out, checkpoint, precision, parameters, trainable, languages, started
+    )
 
-    state = trainer.state
-    facts = {
-        "name": out.name,
-        "stage": command,
+
+def _facts(run: StageRun, metrics: dict) -> dict:
+    """What the model card and training_run.json say about the run."""
+    args, state = run.args, run.trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return {
+        "name": run.out.name,
+        "stage": run.stage.name,
         "base": args.model or f"preset {args.preset}",
         "data": ", ".join(map(str, args.data)),
-        "parameters": parameters,
-        "trained_parameters": trainable,
+        "parameters": run.parameters,
+        "trained_parameters": run.trainable,
         "lora": f"rank {args.lora_rank}, alpha {args.lora_alpha}, targets {' '.join(args.lora_targets)}"
         if args.lora
         else None,
@@ -801,29 +810,52 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "max_steps": state.max_steps,
         "finished": state.global_step >= state.max_steps,
         "epochs": round(state.epoch or 0.0, 3),
-        "global_batch_size": args.batch_size * args.grad_accum * training_args.world_size,
+        "global_batch_size": args.batch_size * args.grad_accum * run.trainer.args.world_size,
         "learning_rate": args.lr,
-        "precision": precision,
-        "world_size": training_args.world_size,
-        "final_train_loss": _last(state.log_history, "loss"),
+        "precision": run.precision,
+        "world_size": run.trainer.args.world_size,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": losses[-1] if losses else None,
         "eval_loss": metrics.get("eval_loss"),
         "eval_perplexity": metrics.get("eval_perplexity"),
-        "wall_time_s": round(time.monotonic() - started, 1),
+        "wall_time_s": round(time.monotonic() - run.started, 1),
     }
+
+
+def train(args: argparse.Namespace, command: str) -> dict:
+    """Run one stage with fully resolved arguments and save the model repo; returns the facts of the run."""
+    run = prepare(args, command)
+    trainer, checkpoint = run.trainer, run.checkpoint
+    if checkpoint is not None and _finished(checkpoint):
+        # Trainer would run one more step on a finished run; load its final state instead.
+        print(f"{checkpoint.name} already finished this run: nothing to train")
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = trainer.state.load_from_json(str(checkpoint / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    # Trainer turns the KV cache off for training; the saved model (and any use of it in this process) wants it on.
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+
+    facts = _facts(run, metrics)
     if trainer.is_world_process_zero():
-        save_model_repo(trainer, tokenizer, out, stage, args, facts, languages)
-        loss = facts["final_train_loss"]
-        summary = f"saved {out}: step {state.global_step}/{state.max_steps}"
-        summary += f", train loss {loss:.4f}" if loss is not None else ""
-        if facts["eval_loss"] is not None and stage.records != "preference":
+        save_model_repo(trainer, run.tokenizer, run.out, run.stage, args, facts, run.languages)
+        summary = f"saved {run.out}: step {facts['steps']}/{facts['max_steps']}"
+        if facts["final_train_loss"] is not None:
+            summary += f", train loss {facts['first_train_loss']:.4f} -> {facts['final_train_loss']:.4f}"
+        if facts["eval_perplexity"] is not None:
             summary += f", eval loss {facts['eval_loss']:.4f} (perplexity {facts['eval_perplexity']:.2f})"
         print(summary)
     return facts
 
 
-def run(args: argparse.Namespace, command: str) -> int:
-    stage = STAGES[command]
+def resolve_args(args: argparse.Namespace, command: str) -> argparse.Namespace:
+    """Fill flags from --config and check that the combination makes sense."""
     apply_config(args, command)
-    _check_args(args, stage)
-    train(args, command)
+    _check_args(args, STAGES[command])
+    return args
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    train(resolve_args(args, command), command)
     return 0

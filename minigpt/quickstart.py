@@ -1,0 +1,235 @@
+"""`minigpt quickstart`: a chat model that knows an invented world, from nothing, in minutes, on a laptop CPU.
+
+    built-in world -> tokenizer -> pretrain (learns the facts) -> SFT (learns to answer) -> held-out questions -> chats
+
+No files and no network: the corpus is generated (minigpt.data.world), written to OUT/data so it can be read, and
+every stage runs through the same `minigpt pretrain` / `minigpt sft` code path a user would call. The score that
+matters is the accuracy on held-out questions: facts about people, places and things that appeared only in the
+pretraining text, never in SFT. The settings follow what made a ~4M-parameter model learn facts on 2 CPU cores:
+several differently phrased biographies per entity, answers without the name, pretraining text mixed into SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import MiniGPTError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and step counts of one quick-start run."""
+
+    people: int  # world size; places and things scale with it
+    bio_copies: int
+    vocab_size: int
+    model: dict  # MiniGPTConfig fields over the "quickstart" preset
+    block_size: int
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    sft_steps: int
+    sft_batch: int
+    sft_lr: float
+    questions_per_language: int  # held-out questions asked (a seeded sample)
+    min_accuracy: float  # the bar each language's accuracy is expected to clear
+
+
+DEFAULT = Plan(
+    people=400,
+    bio_copies=4,
+    vocab_size=2048,
+    model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
+    block_size=128,
+    pretrain_steps=1000,
+    pretrain_batch=32,
+    pretrain_lr=2e-3,
+    sft_steps=80,
+    sft_batch=32,
+    sft_lr=1e-3,
+    questions_per_language=200,
+    min_accuracy=0.8,
+)
+# For tests: the same pipeline at a size that runs in about a minute; it learns some facts, not most.
+TINY = Plan(
+    people=40,
+    bio_copies=4,
+    vocab_size=800,
+    model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+    block_size=128,
+    pretrain_steps=150,
+    pretrain_batch=16,
+    pretrain_lr=3e-3,
+    sft_steps=40,
+    sft_batch=16,
+    sft_lr=1e-3,
+    questions_per_language=40,
+    min_accuracy=0.2,
+)
+
+
+# What a quick start writes into --out; a folder holding anything else is not overwritten.
+OUR_FILES = {"data", "tokenizer", "pretrain", "chat", "report.json", "report.json.tmp"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--out", default="quickstart-out", help="folder for the data, tokenizer, models and report")
+    parser.add_argument("--tiny", action="store_true", help="a one-minute run for tests (learns less)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _stage(command: str, argv: list[str]) -> dict:
+    """Run `minigpt <command> ARGV...` in this process; returns the facts of the run."""
+    from . import train
+
+    return train.train(train.resolve_args(train.parse_args(command, argv), command), command)
+
+
+def _sample_questions(questions: list[dict], per_language: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    sample = []
+    for language in ("en", "zh"):
+        pool = [question for question in questions if question["language"] == language]
+        sample += rng.sample(pool, min(per_language, len(pool)))
+    return sample
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    run_quickstart(TINY if args.tiny else DEFAULT, Path(args.out), args.seed, args.precision)
+    return 0
+
+
+def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto") -> dict:
+    """The whole quick start with `plan`'s sizes; writes OUT/report.json and returns the report."""
+    from .chat import chat_reply, load_model
+    from .data.world import build_world
+    from .evaluate import question_accuracy
+    from .tokenization import build_tokenizer_from_texts, save_tokenizer
+
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES) if out.is_dir() else []
+    if foreign:
+        raise MiniGPTError(
+            f"{out}: holds files a quick start did not write ({', '.join(foreign[:3])}); choose another --out"
+        )
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    started = time.monotonic()
+
+    # 1. The world, written out as the files a user would bring.
+    clock = time.monotonic()
+    world = build_world(seed=seed, size=plan.people, bio_copies=plan.bio_copies)
+    texts = world.pretrain_texts()
+    conversations = world.sft_conversations()
+    heldout = world.heldout_questions()
+    pretrain_file = _write_jsonl(data / "pretrain.jsonl", ({"text": text} for text in texts))
+    sft_file = _write_jsonl(data / "sft.jsonl", ({"messages": messages} for messages in conversations))
+    _write_jsonl(data / "preference.jsonl", world.preference_pairs())
+    _write_jsonl(data / "heldout_questions.jsonl", heldout)
+    print(
+        f"world: {len(world.entities)} people, places and things; {len(texts):,} biographies, "
+        f"{len(conversations):,} SFT conversations, {len(heldout):,} held-out questions (in {data})"
+    )
+
+    # 2. A tokenizer for this corpus, chat turns included.
+    chat_text = [message["content"] for messages in conversations for message in messages]
+    tokenizer = build_tokenizer_from_texts(texts + chat_text, plan.vocab_size)
+    save_tokenizer(tokenizer, out / "tokenizer")
+    seconds["data_and_tokenizer"] = round(time.monotonic() - clock, 1)
+
+    common = ["--seed", str(seed), "--precision", precision, "--save-steps", "0", "--overwrite"]
+    common += ["--eval-fraction", "0.01", "--eval-steps", "0.5", "--logging-steps", "10"]
+
+    # 3. Pretraining: the facts go in here (and only here, for the held-out half).
+    clock = time.monotonic()
+    model_config = [f"{key}={value}" for key, value in plan.model.items()]
+    pretrain = _stage(
+        "pretrain",
+        [
+            *["--data", str(pretrain_file), "--tokenizer", str(out / "tokenizer"), "--out", str(out / "pretrain")],
+            *["--preset", "quickstart", "--model-config", *model_config, "--block-size", str(plan.block_size)],
+            *["--max-steps", str(plan.pretrain_steps), "--batch-size", str(plan.pretrain_batch)],
+            *["--lr", str(plan.pretrain_lr), "--warmup", "0.05", "--min-lr-ratio", "0.1", "--weight-decay", "0.1"],
+            *common,
+        ],
+    )
+    seconds["pretrain"] = round(time.monotonic() - clock, 1)
+
+    # 4. SFT on questions about the other half, with pretraining text in half of the rows.
+    clock = time.monotonic()
+    sft = _stage(
+        "sft",
+        [
+            *["--data", str(sft_file), "--model", str(out / "pretrain"), "--out", str(out / "chat")],
+            *["--mix-data", str(pretrain_file), "--mix-ratio", "0.5", "--mix-block-size", "64"],
+            *["--max-length", str(plan.block_size), "--max-steps", str(plan.sft_steps)],
+            *["--batch-size", str(plan.sft_batch), "--lr", str(plan.sft_lr), "--warmup", "0.1"],
+            *common,
+        ],
+    )
+    seconds["sft"] = round(time.monotonic() - clock, 1)
+
+    # 5. Held-out questions: facts seen only in pretraining.
+    clock = time.monotonic()
+    model, tokenizer = load_model(str(out / "chat"), device="cpu")
+    questions = _sample_questions(heldout, plan.questions_per_language, seed)
+    accuracy = question_accuracy(model, tokenizer, questions, max_new_tokens=24)
+    seconds["evaluate"] = round(time.monotonic() - clock, 1)
+
+    # 6. A few chats in both languages.
+    chats = []
+    for question in [*questions[:2], *questions[-2:]]:
+        messages = [{"role": "user", "content": question["question"]}]
+        reply = chat_reply(model, tokenizer, messages, max_new_tokens=32, temperature=0.0)
+        chats.append({"question": question["question"], "reply": reply, "expected": question["answer"]})
+    for prompt in ("Hello!", "你好！"):
+        reply = chat_reply(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=32, temperature=0.0)
+        chats.append({"question": prompt, "reply": reply})
+    seconds["total"] = round(time.monotonic() - started, 1)
+
+    by_language = {language: round(counts["accuracy"], 4) for language, counts in accuracy["by_language"].items()}
+    report = {
+        "plan": "tiny" if plan == TINY else "default" if plan == DEFAULT else "custom",
+        "settings": asdict(plan),
+        "seconds": seconds,
+        "parameters": pretrain["parameters"],
+        "precision": pretrain["precision"],
+        "pretrain": {k: pretrain[k] for k in ("steps", "final_train_loss", "eval_loss", "eval_perplexity")},
+        "sft": {k: sft[k] for k in ("steps", "final_train_loss", "eval_loss", "eval_perplexity")},
+        "heldout_accuracy": round(accuracy["accuracy"], 4),
+        "heldout_accuracy_by_language": by_language,
+        "heldout_questions_asked": accuracy["total"],
+        "chats": chats,
+        "model": str(out / "chat"),
+    }
+    temporary = out / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, out / "report.json")
+
+    print("\n--- chats with the model (questions about facts it saw only in pretraining) ---")
+    for chat in chats:
+        print(f"user: {chat['question']}\nmodel: {chat['reply']}\n")
+    print(
+        f"held-out question accuracy: {accuracy['accuracy']:.1%} "
+        f"({', '.join(f'{language} {value:.1%}' for language, value in by_language.items())}) "
+        f"on {accuracy['total']} questions"
+    )
+    stages = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    print(f"time: {stages}\nchat with it: minigpt chat --model {out / 'chat'}\nreport: {out / 'report.json'}")
+    return report

@@ -1,0 +1,165 @@
+"""Checkpoints and resume: a run killed with SIGKILL (once mid-training, once while writing a checkpoint) and resumed
+ends exactly where an uninterrupted run ends; incomplete checkpoints are ignored or refused, never resumed silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from minigpt import train
+from minigpt.errors import MiniGPTError
+from minigpt.tokenization import build_tokenizer_from_texts, save_tokenizer
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 12, 4
+
+# `minigpt ...`, killed by SIGKILL right after it writes optimizer.pt of checkpoint-<step>: half a checkpoint on disk.
+KILLED_WHILE_SAVING = r"""
+import os, signal, sys
+import torch
+
+marker = os.path.join(f"checkpoint-{os.environ['KILL_WHILE_SAVING_STEP']}", "optimizer.pt")
+original_save = torch.save
+
+def save(obj, f, *args, **kwargs):
+    original_save(obj, f, *args, **kwargs)
+    if str(f).endswith(marker):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save
+from minigpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data: Path, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("resume")
+    text = folder / "stories.txt"
+    text.write_text((shared_data / "pretrain/tinystories_train_first2MiB.txt").read_text()[:40_000])
+    save_tokenizer(build_tokenizer_from_texts([text.read_text()], vocab_size=400), folder / "tokenizer")
+    return {"folder": folder, "text": text, "tokenizer": folder / "tokenizer"}
+
+
+def pretrain_argv(setup: dict, out: Path, *extra: str) -> list[str]:
+    """A run where exactness is not free: dropout (RNG state), gradient accumulation, cosine schedule, shuffling."""
+    return [
+        *["--data", str(setup["text"]), "--tokenizer", str(setup["tokenizer"]), "--out", str(out)],
+        *["--preset", "tiny-qwen", "--model-config", "residual_dropout=0.1", "--block-size", "64"],
+        *["--batch-size", "4", "--grad-accum", "2", "--max-steps", str(STEPS), "--lr", "3e-3", "--warmup", "3"],
+        *["--save-steps", str(SAVE_EVERY), "--save-total-limit", "3", "--logging-steps", "1", "--eval-fraction", "0"],
+        *["--precision", "fp32", "--seed", "7", *extra],
+    ]
+
+
+def run_in_process(argv: list[str]) -> dict:
+    return train.train(train.resolve_args(train.parse_args("pretrain", argv), "pretrain"), "pretrain")
+
+
+def start(argv: list[str], kill_while_saving: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    if kill_while_saving is None:
+        command = [sys.executable, "-m", "minigpt", "pretrain", *argv]
+    else:
+        env["KILL_WHILE_SAVING_STEP"] = str(kill_while_saving)
+        command = [sys.executable, "-c", KILLED_WHILE_SAVING, "pretrain", *argv]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup) -> tuple[Path, dict]:
+    out = setup["folder"] / "uninterrupted"
+    return out, run_in_process(pretrain_argv(setup, out))
+
+
+def test_run_killed_mid_training_and_while_saving_resumes_exactly(setup, uninterrupted):
+    reference_out, reference = uninterrupted
+    out = setup["folder"] / "interrupted"
+    checkpoints = out / "checkpoints"
+
+    # 1. SIGKILL at an arbitrary moment after the first checkpoint.
+    process = start(pretrain_argv(setup, out))
+    deadline = time.monotonic() + 600
+    while not (checkpoints / f"checkpoint-{SAVE_EVERY}").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "model.safetensors").exists()
+
+    # 2. Resume, and get killed half-way through writing checkpoint-8.
+    process = start(pretrain_argv(setup, out, "--resume"), kill_while_saving=2 * SAVE_EVERY)
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == -signal.SIGKILL, log[-2000:]
+    assert f"resuming from {checkpoints / f'checkpoint-{SAVE_EVERY}'}" in log
+    assert (checkpoints / ".staging" / f"checkpoint-{2 * SAVE_EVERY}" / "optimizer.pt").is_file()
+    assert not (checkpoints / f"checkpoint-{2 * SAVE_EVERY}").exists()  # the half checkpoint never looks complete
+
+    # 3. Resume again: the half-written checkpoint is ignored, the run continues from checkpoint-4 and finishes.
+    process = start(pretrain_argv(setup, out, "--resume"))
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, log[-3000:]
+    assert f"resuming from {checkpoints / f'checkpoint-{SAVE_EVERY}'}" in log
+    assert not (checkpoints / ".staging").exists()
+
+    facts = json.loads((out / "training_run.json").read_text())
+    assert facts["steps"] == STEPS and facts["finished"]
+    relative = abs(facts["final_train_loss"] - reference["final_train_loss"]) / reference["final_train_loss"]
+    assert relative <= 1e-6
+    resumed, expected = weights(out), weights(reference_out)
+    assert resumed.keys() == expected.keys()
+    assert max((resumed[name] - expected[name]).abs().max().item() for name in expected) <= 1e-6
+    # keep the last 3 checkpoints
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+
+
+def test_resuming_a_finished_run_trains_nothing(setup, uninterrupted):
+    out, reference = uninterrupted
+    before = weights(out)
+    facts = run_in_process(pretrain_argv(setup, out, "--resume"))
+    assert facts["steps"] == STEPS == reference["steps"]
+    after = weights(out)
+    assert all(before[name].equal(after[name]) for name in before)
+    assert facts["final_train_loss"] == reference["final_train_loss"]
+
+
+def test_checkpoint_missing_optimizer_state_is_refused(setup, uninterrupted):
+    source, _ = uninterrupted
+    out = setup["folder"] / "damaged"
+    shutil.copytree(source / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / f"checkpoint-{STEPS}" / "optimizer.pt").unlink()
+    with pytest.raises(MiniGPTError, match=r"checkpoint-12: checkpoint is missing optimizer\.pt"):
+        run_in_process(pretrain_argv(setup, out, "--resume"))
+    for name in ("scheduler.pt", "rng_state.pth"):
+        (out / "checkpoints" / f"checkpoint-{STEPS}" / name).unlink()
+    with pytest.raises(MiniGPTError, match=r"missing optimizer\.pt, scheduler\.pt, rng_state\.pth"):
+        train.find_resumable_checkpoint(out / "checkpoints")
+
+
+def test_new_run_into_a_folder_with_checkpoints_needs_resume_or_overwrite(setup, uninterrupted):
+    out, _ = uninterrupted
+    with pytest.raises(MiniGPTError, match="holds checkpoints of an earlier run: pass --resume"):
+        run_in_process(pretrain_argv(setup, out))
+
+
+def test_max_minutes_stops_with_a_checkpoint_that_resume_finishes(setup):
+    out = setup["folder"] / "timed"
+    stopped = run_in_process(pretrain_argv(setup, out, "--max-minutes", "0.0001", "--save-steps", "100"))
+    assert not stopped["finished"] and stopped["steps"] < STEPS
+    assert (out / "checkpoints" / f"checkpoint-{stopped['steps']}").is_dir()
+    finished = run_in_process(pretrain_argv(setup, out, "--resume", "--save-steps", "100"))
+    assert finished["finished"] and finished["steps"] == STEPS
