@@ -102,20 +102,32 @@ def test_export_overwrite_replaces_the_folder(tiny_chat_model, tmp_path):  # noq
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space"]
 
 
-def test_push_without_login_or_network_fails_with_one_line(tiny_chat_model, tmp_path):  # noqa: F811
-    no_login = {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": ""}
-    result = run_minigpt("push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", env=no_login)
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == (
-        "minigpt push: error: not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN, then retry"
+def test_push_without_login_fails_with_one_line(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no saved `hf auth login`
+    assert main(["push", "--model", str(tiny_chat_model), "--repo", "someone/tiny"]) == 2
+    assert capsys.readouterr().err == (
+        "minigpt push: error: not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN, then retry\n"
     )
-    # A token but no way out (a proxy that refuses connections stands in for being offline, even where CI has network).
+
+
+def test_push_without_network_fails_with_one_line(tiny_chat_model, tmp_path):  # noqa: F811
+    # A fresh process with a token and no way out: a proxy that refuses connections stands in for being offline,
+    # so the test means the same on a CI machine that has network.
     dead_proxy = "http://127.0.0.1:9"
-    offline = {**no_login, "HF_TOKEN": "hf_not_a_real_token", "HTTPS_PROXY": dead_proxy, "HTTP_PROXY": dead_proxy}
-    result = run_minigpt("push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", env=offline)
+    env = {
+        "HF_HOME": str(tmp_path),
+        "HF_TOKEN": "hf_not_a_real_token",
+        "HTTPS_PROXY": dead_proxy,
+        "HTTP_PROXY": dead_proxy,
+    }
+    result = run_minigpt("push", "--model", str(tiny_chat_model), "--repo", "someone/tiny", env=env)
     assert result.returncode == 2
-    last_line = result.stderr.splitlines()[-1]
-    assert last_line.startswith("minigpt push: error: cannot reach the Hugging Face Hub (are you offline?): ")
+    assert result.stderr.splitlines()[-1].startswith(
+        "minigpt push: error: cannot reach the Hugging Face Hub (are you offline?): "
+    )
     assert "Traceback" not in result.stderr
 
 
