@@ -90,15 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     add_data_arguments(parser, stage.records, data_required=False)  # --data may come from --config
     if command == "sft":
-        parser.add_argument(
+        mixing = parser.add_argument_group("pretraining text in SFT")
+        mixing.add_argument(
             "--mix-data",
             nargs="+",
             metavar="PATH",
             help="pretraining text mixed into the SFT batches (keeps knowledge from pretraining answerable)",
         )
-        parser.add_argument("--mix-ratio", type=float, default=0.5, help="share of training rows from --mix-data")
-        parser.add_argument(
-            "--mix-block-size", type=int, default=None, help="tokens per --mix-data row (default: --max-length)"
+        mixing.add_argument("--mix-ratio", type=float, default=0.5, help="share of training rows from --mix-data")
+        mixing.add_argument(
+            "--mix-block-size", type=int, default=None, help="tokens per --mix-data row; None: --max-length"
         )
 
     model = parser.add_argument_group("model")
@@ -114,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         model.add_argument("--model", metavar="DIR", help="continue pretraining this model instead of a new preset")
     else:
         model.add_argument("--model", metavar="DIR", help="model folder to start from (a LoRA adapter is merged first)")
-        model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)")
+        model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder; None: the model's")
     if command == "dpo":
         model.add_argument("--beta", type=float, default=0.1, help="DPO beta: how far the model may move from --model")
 

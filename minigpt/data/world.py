@@ -375,7 +375,8 @@ class World:
             return _fill(attribute.question_en, entity.name_en, value), _fill(attribute.answer_en, "", value), value
         return _fill(attribute.question_zh, entity.name_zh, value), _fill(attribute.answer_zh, "", value), value
 
-    def _questions(self, entities: list[Entity]):
+    def questions(self, entities: list[Entity]):
+        """(entity, attribute, language, question, answer sentence, answer value) for every fact of `entities`."""
         for entity in entities:
             for attribute in self._attributes(entity):
                 for language in ("en", "zh"):
@@ -385,7 +386,7 @@ class World:
         """One single-turn conversation per fact of the SFT half (both languages), plus a little small talk."""
         conversations = [
             [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            for _, _, _, question, answer, _ in self._questions(self.sft_entities)
+            for _, _, _, question, answer, _ in self.questions(self.sft_entities)
         ]
         conversations += [
             [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -398,7 +399,7 @@ class World:
         """TRL conversational pairs about the SFT half: the right answer is chosen, another entity's value rejected."""
         rng = random.Random(f"{self.seed}-preference")
         pairs = []
-        for entity, attribute, language, question, answer, value in self._questions(self.sft_entities):
+        for entity, attribute, language, question, answer, value in self.questions(self.sft_entities):
             wrong = rng.choice([c for c in self.candidates[entity.kind, attribute.name][language] if c != value])
             template = attribute.answer_en if language == "en" else attribute.answer_zh
             pairs.append(
@@ -421,7 +422,7 @@ class World:
                 "entity": entity.name(language),
                 "attribute": attribute.name,
             }
-            for entity, attribute, language, question, _, value in self._questions(self.heldout_entities)
+            for entity, attribute, language, question, _, value in self.questions(self.heldout_entities)
         ]
 
 
