@@ -66,7 +66,7 @@ def build_tiny_chat_model(out_dir: Path, steps: int = 150) -> Path:
     texts = [message["content"] for conversation in conversations for message in conversation]
     tokenizer = build_tokenizer_from_texts(texts * 3 + ["user assistant system"], vocab_size=600)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in one_torch_thread (a session fixture cannot use that one)
+    torch.set_num_threads(1)  # a 2-layer model trains faster on one thread (conftest's one_torch_thread)
     try:
         torch.manual_seed(0)
         config = MiniGPTConfig.from_preset(
@@ -95,15 +95,6 @@ def build_tiny_chat_model(out_dir: Path, steps: int = 150) -> Path:
     return out_dir
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run 10-20x faster on one thread when the 2 cores are shared (two threads spin-wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """Folder of the memorising tiny chat model; built once per session even when several modules import this."""
@@ -119,7 +110,7 @@ def loaded_chat_model(tiny_chat_model):
 
 
 def run_minigpt(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120):
-    """The real command in a fresh interpreter, as a user runs it (on one thread, see one_torch_thread)."""
+    """The real command in a fresh interpreter, as a user runs it (on one thread, like conftest's one_torch_thread)."""
     environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "minigpt", *args],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_chat import PROJECT_ROOT, STORY, loaded_chat_model, one_torch_thread, tiny_chat_model  # noqa: F401
+from test_chat import PROJECT_ROOT, STORY, loaded_chat_model, tiny_chat_model  # noqa: F401
 
 from minigpt.chat import chat_reply, count_parameters
 from minigpt.demo import build_demo

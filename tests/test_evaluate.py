@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_chat import loaded_chat_model, one_torch_thread, run_minigpt, tiny_chat_model  # noqa: F401  (shared fixtures)
+from test_chat import loaded_chat_model, run_minigpt, tiny_chat_model  # noqa: F401  (shared fixtures)
 
 from minigpt.chat import Sampling, chat_reply, complete_text, generate_replies, load_model
 from minigpt.cli import main

@@ -14,7 +14,7 @@ import gradio
 import pytest
 import torch
 from huggingface_hub import SpaceCard
-from test_chat import loaded_chat_model, one_torch_thread, run_minigpt, tiny_chat_model  # noqa: F401
+from test_chat import loaded_chat_model, run_minigpt, tiny_chat_model  # noqa: F401
 from test_demo import GREEDY, start_server, stop_server, story_reply  # noqa: F401
 
 from minigpt.chat import chat_reply, load_model
