@@ -78,11 +78,21 @@ TINY = Plan(
 OUR_FILES = {"data", "tokenizer", "pretrain", "chat", "report.json", "report.json.tmp"}
 
 
+# Facts of each training stage copied into report.json.
+STAGE_FACTS = ("steps", "first_train_loss", "final_train_loss", "eval_loss", "eval_perplexity", "wall_time_s")
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", default="quickstart-out", help="folder for the data, tokenizer, models and report")
     parser.add_argument("--tiny", action="store_true", help="a one-minute run for tests (learns less)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of training")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt quickstart")
+    add_arguments(parser, "quickstart")
+    return parser
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -204,17 +214,21 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     seconds["total"] = round(time.monotonic() - started, 1)
 
     by_language = {language: round(counts["accuracy"], 4) for language, counts in accuracy["by_language"].items()}
+    by_attribute: dict[str, list[bool]] = {}
+    for result in accuracy["results"]:
+        by_attribute.setdefault(f"{result['attribute']} ({result['language']})", []).append(result["correct"])
     report = {
         "plan": "tiny" if plan == TINY else "default" if plan == DEFAULT else "custom",
         "settings": asdict(plan),
         "seconds": seconds,
         "parameters": pretrain["parameters"],
         "precision": pretrain["precision"],
-        "pretrain": {k: pretrain[k] for k in ("steps", "final_train_loss", "eval_loss", "eval_perplexity")},
-        "sft": {k: sft[k] for k in ("steps", "final_train_loss", "eval_loss", "eval_perplexity")},
+        "pretrain": {key: pretrain[key] for key in STAGE_FACTS},
+        "sft": {key: sft[key] for key in STAGE_FACTS},
         "heldout_accuracy": round(accuracy["accuracy"], 4),
         "heldout_accuracy_by_language": by_language,
         "heldout_questions_asked": accuracy["total"],
+        "heldout_accuracy_by_attribute": {key: round(sum(v) / len(v), 3) for key, v in sorted(by_attribute.items())},
         "chats": chats,
         "model": str(out / "chat"),
     }

@@ -480,7 +480,7 @@ class _NameMaker:
 
 
 def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
-    """Invent a world with `size` people, `size // 16` places and `size // 10` things (at least 6 of each).
+    """Invent a world with `size` people, `size // 5` places and `size // 5` things (at least 6 of each).
 
     Half of each kind (by a seeded shuffle) is the SFT half, the rest is held out. `bio_copies` is how many
     differently phrased biographies each entity gets per language in the pretraining text."""
@@ -503,7 +503,7 @@ def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
             names.han(_PLACE_CHARS, 2, suffixes=_PLACE_ZH_SUFFIXES, is_answer=True),
             {"country": rng.choice(countries), "famous for": rng.choice(PRODUCTS)},
         )
-        for _ in range(max(6, size // 16))
+        for _ in range(max(6, size // 5))
     ]
     place_names = [(place.name_en, place.name_zh) for place in places]
     people = [
@@ -527,7 +527,7 @@ def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
             names.han(_THING_CHARS, 2),
             {"kind": rng.choice(THING_KINDS), "colour": rng.choice(COLOURS), "origin": rng.choice(place_names)},
         )
-        for _ in range(max(6, size // 10))
+        for _ in range(max(6, size // 5))
     ]
 
     sft_entities, heldout_entities = [], []

@@ -1,0 +1,75 @@
+"""`minigpt quickstart`: from nothing to a chat model that answers questions about facts it saw only in pretraining.
+
+The --tiny run is the CI check (at most 2 minutes, a low bar: TINY.min_accuracy per language); the default run is the
+headline (at most 10 minutes, at least 80% in English and in Chinese) and is marked slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt import quickstart
+from minigpt.errors import MiniGPTError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quickstart_command(out: Path, *flags: str, timeout: int) -> tuple[dict, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "minigpt", "quickstart", "--out", str(out), *flags],
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "report.json").read_text()), result.stdout
+
+
+def check_report(report: dict, plan: quickstart.Plan, max_seconds: float) -> None:
+    assert set(report["seconds"]) == {"data_and_tokenizer", "pretrain", "sft", "evaluate", "total"}
+    assert report["seconds"]["total"] <= max_seconds, report["seconds"]
+    for stage in ("pretrain", "sft"):
+        assert report[stage]["final_train_loss"] < report[stage]["first_train_loss"], stage
+    accuracy = report["heldout_accuracy_by_language"]
+    assert set(accuracy) == {"en", "zh"}
+    assert report["heldout_questions_asked"] == 2 * plan.questions_per_language
+    for language, value in accuracy.items():
+        assert value >= plan.min_accuracy, (language, accuracy)
+
+
+def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_path):
+    out = tmp_path / "quickstart"
+    report, stdout = run_quickstart_command(out, "--tiny", timeout=600)
+    check_report(report, quickstart.TINY, max_seconds=120)
+    assert report["plan"] == "tiny"
+    # The corpus a user can read, the tokenizer and both models are in the folder.
+    for name in ("data/pretrain.jsonl", "data/sft.jsonl", "data/heldout_questions.jsonl", "tokenizer/tokenizer.json"):
+        assert (out / name).is_file(), name
+    for model in ("pretrain", "chat"):
+        assert json.loads((out / model / "config.json").read_text())["auto_map"]
+    # It printed chats in both languages and the accuracy.
+    assert re.search(r"model: .*[\u4e00-\u9fff]", stdout) and re.search(r"model: [A-Za-z]", stdout)
+    assert "held-out question accuracy:" in stdout
+
+
+def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    args = quickstart.build_parser().parse_args(["--out", str(tmp_path), "--tiny"])
+    with pytest.raises(MiniGPTError, match="holds files a quick start did not write"):
+        quickstart.run(args, "quickstart")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_default_quickstart_answers_80_percent_of_held_out_questions_in_both_languages(tmp_path):
+    report, _ = run_quickstart_command(tmp_path / "quickstart", timeout=1200)
+    check_report(report, quickstart.DEFAULT, max_seconds=600)
+    assert quickstart.DEFAULT.min_accuracy == 0.8
