@@ -187,17 +187,20 @@ def test_lora_adapter_is_saved_reloaded_and_merged(pretrained, shared_data, tmp_
     assert "lora" in card_header(out)["tags"]
 
 
-def test_lora_on_dpo_saves_an_adapter_that_peft_reloads(pretrained, shared_data, tmp_path):
+@pytest.mark.parametrize("command", ["pretrain", "dpo"])
+def test_lora_on_other_stages_saves_an_adapter_that_peft_reloads(pretrained, corpus, shared_data, tmp_path, command):
     from peft import AutoPeftModelForCausalLM
 
     base, _ = pretrained
-    out = tmp_path / "lora-dpo"
-    run_stage(
-        "dpo",
-        *["--model", str(base), "--out", str(out), "--data", str(shared_data / "dpo/llamafactory_dpo_zh_demo.json")],
-        *["--max-length", "128", "--batch-size", "2", "--max-steps", "4", "--lr", "1e-3", "--eval-fraction", "0"],
-        "--lora",
+    out = tmp_path / f"lora-{command}"
+    data = corpus["xiyouji"] if command == "pretrain" else shared_data / "dpo/llamafactory_dpo_zh_demo.json"
+    length = "--block-size" if command == "pretrain" else "--max-length"
+    facts = run_stage(
+        command,
+        *["--model", str(base), "--out", str(out), "--data", str(data), length, "128", "--batch-size", "2"],
+        *["--max-steps", "4", "--lr", "1e-3", "--eval-fraction", "0", "--lora"],
     )
+    assert facts["trained_parameters"] < facts["parameters"] / 5
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert model.peft_config["default"].r == 8
