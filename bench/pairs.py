@@ -14,6 +14,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from minigpt.convert import to_native
 
 GPT2_VOCAB = 50257  # GPT-2's tokenizer; used for both styles so the LM head costs the same
 
@@ -102,7 +103,11 @@ def build_pair(
     ours = MiniGPTForCausalLM(config).to(device=device, dtype=dtype)
     peer_class = GPT2LMHeadModel if style == "gpt2" else Qwen2ForCausalLM
     peer = peer_class(peer_config(style, config)).to(device=device, dtype=dtype)
+    # The same weights in both (via the project's own converter), so their losses and generated tokens must agree.
+    peer.load_state_dict(to_native(ours).state_dict())
     for model in (ours, peer):
+        # No end-of-text token (always generate max_new_tokens); pad id 0 for left-padded batches.
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
         if model.config._attn_implementation != "sdpa":
             raise RuntimeError(f"{type(model).__name__} runs {model.config._attn_implementation}, not sdpa")
     if count_parameters(ours) != count_parameters(peer):

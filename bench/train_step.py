@@ -41,7 +41,10 @@ def compare(style: str, args: argparse.Namespace) -> dict[str, float]:
     ours, peer = build_pair(style, shape, vocab_size=args.vocab)
     peer_name = PEER_NAMES[style]
     input_ids = random_batch(shape, args.vocab)
-    steps = {"MiniGPT": training_step(ours, input_ids, args.compile), peer_name: training_step(peer, input_ids, args.compile)}
+    steps = {
+        "MiniGPT": training_step(ours, input_ids, args.compile),
+        peer_name: training_step(peer, input_ids, args.compile),
+    }
     first_losses = {name: step() for name, step in steps.items()}  # also the first warm-up round (and compile)
 
     def progress(index: int, seconds: dict[str, float]) -> None:
@@ -52,14 +55,18 @@ def compare(style: str, args: argparse.Namespace) -> dict[str, float]:
     ceiling = median(timings.pop("ceiling_gflops"))
     tokens = shape.batch * shape.seq_len
     flops = training_flops_per_token(ours.config, shape.seq_len) * tokens
-    print(f"\n{style} style: first-step loss MiniGPT {first_losses['MiniGPT']:.3f}, {peer_name} {first_losses[peer_name]:.3f}")
+    print(
+        f"\n{style} style: first-step loss MiniGPT {first_losses['MiniGPT']:.3f}, {peer_name} {first_losses[peer_name]:.3f}"
+    )
     print(f"{'model':<18} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'% ceiling':>10}")
     rows = {}
     for name, seconds in timings.items():
         step_time = median(seconds)
         rows[name] = step_time
         gflops = flops / step_time / 1e9
-        print(f"{name:<18} {step_time:>8.3f} {tokens / step_time:>10.0f} {gflops:>9.1f} {100 * gflops / ceiling:>9.1f}%")
+        print(
+            f"{name:<18} {step_time:>8.3f} {tokens / step_time:>10.0f} {gflops:>9.1f} {100 * gflops / ceiling:>9.1f}%"
+        )
     ratio = rows[peer_name] / rows["MiniGPT"]
     print(f"speed-up MiniGPT / {peer_name}: {ratio:.2f}x   (matmul ceiling {ceiling:.1f} GFLOP/s)")
     del ours, peer, steps

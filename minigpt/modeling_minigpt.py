@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -33,6 +34,40 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_minigpt import MiniGPTConfig
+
+# Fast paths compute the same numbers as the plain code with fewer passes over memory (see each one's comment).
+# Switch off to run the plain path, e.g. to compare the two in tests.
+FAST_PATHS = True
+
+
+def is_plain_linear(*modules: nn.Module) -> bool:
+    """True for unmodified nn.Linear layers, whose weights a fast path may use directly. A peft/LoRA or quantised layer,
+    or one with hooks or a patched forward (accelerate), must be called as a module, so fast paths step aside."""
+    return all(
+        type(module) is nn.Linear
+        and "forward" not in module.__dict__
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        for module in modules
+    )
+
+
+def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`tuple(layer(x) for layer in layers)`, computed as one matmul over the layers' stacked weights.
+
+    One wide matmul runs closer to the CPU's peak than two or three narrow ones, and the backward pass sums the input
+    gradient inside one matmul instead of with extra additions. The parameters stay separate (`q_proj`, `k_proj`,
+    `v_proj`; `gate_proj`, `up_proj`), so checkpoints, peft and conversions see the usual names.
+    """
+    same_bias = len({layer.bias is None for layer in layers}) == 1
+    # Decoding a few tokens: copying the weights would cost more than the wider matmul saves.
+    many_rows = x.numel() // x.shape[-1] >= 64
+    if not (FAST_PATHS and many_rows and same_bias and is_plain_linear(*layers)):
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Normalisation
@@ -176,9 +211,9 @@ class MiniGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hs)
-        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hs)
-        value = self.v_proj(hidden_states).view(hidden_shape)
+        query, key, value = project_together(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        query = query.view(hidden_shape)  # (B, T, nh, hs)
+        key, value = key.view(hidden_shape), value.view(hidden_shape)  # (B, T, nkv, hs)
         if self.config.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, heads, T, hs)
@@ -226,10 +261,18 @@ class MiniGPTMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = project_together(x, self.gate_proj, self.up_proj)
+            hidden = self.activation(gate) * up
         else:
-            hidden = self.act_fn(self.up_proj(x))
+            hidden = self.activation(self.up_proj(x))
         return self.dropout(self.down_proj(hidden))
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        if FAST_PATHS and isinstance(self.act_fn, NewGELUActivation):
+            # GPT-2's tanh-approximate GELU: transformers writes the formula out as eight elementwise ops, each a pass
+            # over the (B, T, 4C) activations forward and more backward; PyTorch's kernel computes it in one.
+            return F.gelu(x, approximate="tanh")
+        return self.act_fn(x)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -362,6 +405,117 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Next-token loss: LM head and cross-entropy in one pass (fast path for float32 training on CPU)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def next_token_targets(
+    labels: torch.Tensor, ignore_index: int = -100, shift_labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Position t learns to predict labels[t + 1]; the last position has no target (as in transformers' loss)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """logits = hidden @ weight.T and their mean cross-entropy, with d(loss)/d(logits) computed in the forward pass.
+
+    transformers' loss builds three more (tokens x vocab) tensors after the logits: the log-softmax, a zero-filled
+    gradient and the softmax gradient. With GPT-2's 50k vocabulary each is 400 MB for 2k tokens, and on CPU each
+    fresh buffer costs a page-faulting pass over memory, more than all the layers' elementwise work together. Here the
+    softmax runs over a few rows at a time while they sit in cache, writing straight into one gradient buffer. Same
+    formula (logsumexp - target logit), so the loss and gradients agree to float32 rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, divisor):
+        # hidden (N, C), weight (V, C), targets (N,); `divisor` is what the summed loss is divided by.
+        ctx.set_materialize_grads(False)  # an unused `logits` output must not cost a zero-filled gradient
+        logits = hidden @ weight.t()  # (N, V), returned to the caller
+        grad_logits = torch.empty_like(logits)
+        has_target = targets != ignore_index
+        safe_targets = torch.where(has_target, targets, 0)[:, None]  # (N, 1)
+        inverse_divisor = 1.0 / float(divisor) if float(divisor) != 0 else 0.0  # no targets at all: zero gradient
+        token_losses = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
+        rows = max(1, (4 << 20) // (logits.shape[1] * logits.element_size()))  # ~4 MB per block: stays in cache
+        for start in range(0, len(targets), rows):
+            block, grad_block = logits[start : start + rows], grad_logits[start : start + rows]  # (r, V)
+            target, keep = safe_targets[start : start + rows], has_target[start : start + rows, None]
+            row_max = block.amax(dim=-1, keepdim=True)
+            torch.sub(block, row_max, out=grad_block).exp_()  # exp(x - max)
+            row_sum = grad_block.sum(dim=-1, keepdim=True)
+            token_losses[start : start + rows] = (row_sum.log() + row_max - block.gather(1, target)).squeeze(1)
+            grad_block.mul_(keep * inverse_divisor / row_sum)  # softmax / divisor; zero for rows without a target
+            grad_block.scatter_add_(1, target, keep * -inverse_divisor)  # minus one-hot of the target
+        loss = torch.where(has_target, token_losses, 0.0).sum() / divisor
+        ctx.save_for_backward(hidden, weight, grad_logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_of_logits):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        if grad_loss is None:
+            grad_logits = None
+        elif grad_loss.item() != 1.0:  # backward() of the loss itself passes exactly 1: skip a pass over the buffer
+            grad_logits = grad_logits * grad_loss
+        if grad_of_logits is not None:  # the caller also differentiated through the returned logits
+            grad_logits = grad_of_logits if grad_logits is None else grad_logits + grad_of_logits
+        if grad_logits is None:
+            return None, None, None, None, None
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LM head while decoding (fast path for generation on CPU)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DecodingHead:
+    """Logits for the one to few positions a decoding step needs, at the speed of reading the (vocab x C) weight once.
+
+    With one row, x @ W.T makes the BLAS library repack the whole weight first (on CPU, twice as slow as the memory
+    read); x @ W_t with a column-major copy W_t does not. The copy is made once and kept while the weight is unchanged
+    (same storage, same version counter: an optimizer step or load_state_dict invalidates it). With a few rows,
+    (W @ x.T).T avoids the repacking without a copy.
+    """
+
+    max_rows = 16
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weight_t: torch.Tensor | None = None
+
+    def applies(self, head: nn.Linear, hidden_states: torch.Tensor) -> bool:
+        return (
+            FAST_PATHS
+            and not torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and hidden_states.numel() // hidden_states.shape[-1] <= self.max_rows
+            and is_plain_linear(head)
+            and head.bias is None
+            and not head.weight.is_inference()  # inference tensors have no version counter to watch
+        )
+
+    def __call__(self, head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, C)
+        weight = head.weight  # (V, C)
+        if rows.shape[0] > 1:
+            logits = (weight @ rows.t()).t()
+        else:
+            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+            if key != self.key:
+                self.key, self.weight_t = key, weight.t().contiguous()  # (C, V)
+            logits = rows @ self.weight_t
+        return logits.view(*hidden_states.shape[:-1], -1)  # (B, T, V)
+
+    def forget(self) -> None:
+        self.key = self.weight_t = None
+
+
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPTModel plus the LM head: hidden states -> next-token logits over the vocabulary."""
 
@@ -371,6 +525,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoding_head = DecodingHead()
         self.post_init()
 
     @can_return_tuple
@@ -399,10 +554,18 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+        if torch.is_grad_enabled():
+            self.decoding_head.forget()  # training: free the decoding copy of the weight
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None and self._can_fuse_head_and_loss(hidden_states, logits_to_keep):
+            loss, logits = self._fused_head_and_loss(hidden_states, labels, **kwargs)
+        else:
+            if self.decoding_head.applies(self.lm_head, hidden_states):
+                logits = self.decoding_head(self.lm_head, hidden_states)
+            else:
+                logits = self.lm_head(hidden_states)  # (B, T, vocab)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -410,6 +573,41 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _can_fuse_head_and_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
+        """The one-pass head + loss serves float32 CPU training with the standard loss; all else takes the plain path
+        (under autocast or torch.compile the plain path is what gets fused)."""
+        return (
+            FAST_PATHS
+            and torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and is_plain_linear(self.lm_head)
+            and self.lm_head.bias is None
+            and self.loss_function is ForCausalLMLoss
+        )
+
+    def _fused_head_and_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ForCausalLMLoss (same arguments, same result) and the logits, via LMHeadCrossEntropy."""
+        targets = next_token_targets(labels.to(hidden_states.device), ignore_index, shift_labels)
+        # Mean over tokens with a target, or the sum over `num_items_in_batch` when the Trainer counts across a batch.
+        divisor = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+        loss, logits = LMHeadCrossEntropy.apply(
+            hidden_states.reshape(-1, hidden_states.shape[-1]), self.lm_head.weight, targets, ignore_index, divisor
+        )
+        return loss, logits.view(*hidden_states.shape[:-1], -1)
 
 
 __all__ = ["MiniGPTForCausalLM", "MiniGPTModel", "MiniGPTPreTrainedModel"]

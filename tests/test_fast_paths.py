@@ -1,0 +1,238 @@
+"""Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
+
+Fast paths: the LM head + cross-entropy in one pass (float32 CPU training), the stacked q/k/v and gate/up matmuls,
+PyTorch's fused tanh-GELU, and the decoding LM head (CPU generation). Each test runs the same model with
+`FAST_PATHS` on and off (`plain`), or against transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same
+weights, and compares with `assert_close`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from minigpt import modeling_minigpt as modeling
+from minigpt.convert import to_native
+
+STYLES = ["tiny-gpt2", "tiny-qwen"]
+VOCAB = 384
+# Float32 results of the same math with a different summation order: equal to well below the parity tests' 1e-5.
+CLOSE = dict(rtol=1e-5, atol=1e-6)
+
+
+def random_model(preset: str, **overrides) -> MiniGPTForCausalLM:
+    torch.manual_seed(0)
+    config = MiniGPTConfig.from_preset(preset, vocab_size=VOCAB, pad_token_id=0, **overrides)
+    return MiniGPTForCausalLM(config)
+
+
+def training_batch(rows: int = 3, length: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels with some positions excluded from the loss (-100), as an SFT batch has."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :7] = -100
+    labels[1, 30:] = -100
+    return input_ids, labels
+
+
+def plain(monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> object:
+    """`run()` with every fast path switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "FAST_PATHS", False)
+        return run()
+
+
+def loss_logits_grads(model: nn.Module, **inputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return output.loss.detach(), output.logits.detach(), grads
+
+
+def assert_same_training_step(fast: tuple, slow: tuple) -> None:
+    (fast_loss, fast_logits, fast_grads), (slow_loss, slow_logits, slow_grads) = fast, slow
+    torch.testing.assert_close(fast_loss, slow_loss, **CLOSE)
+    torch.testing.assert_close(fast_logits, slow_logits, **CLOSE)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], **CLOSE, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training: fused LM head + loss, stacked projections, fused GELU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", STYLES)
+def test_training_step_fast_path_equals_plain_path(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 120 rows: enough for the stacked q/k/v and gate/up matmuls to engage, and several loss blocks.
+    model = random_model(preset)
+    input_ids, labels = training_batch()
+    fast = loss_logits_grads(model, input_ids=input_ids, labels=labels)
+    slow = plain(monkeypatch, lambda: loss_logits_grads(model, input_ids=input_ids, labels=labels))
+    assert_same_training_step(fast, slow)
+
+
+@pytest.mark.parametrize("preset", STYLES)
+def test_training_step_matches_transformers_own_model(preset: str) -> None:
+    ours = random_model(preset)
+    native = to_native(ours)  # GPT2LMHeadModel or Qwen2ForCausalLM with the same weights, running its own code
+    input_ids, labels = training_batch()
+    our_loss, our_logits, our_grads = loss_logits_grads(ours, input_ids=input_ids, labels=labels)
+    native_loss, native_logits, native_grads = loss_logits_grads(native, input_ids=input_ids, labels=labels)
+    torch.testing.assert_close(our_loss, native_loss, **CLOSE)
+    torch.testing.assert_close(our_logits, native_logits, rtol=1e-5, atol=1e-5)
+    native_names = {
+        "model.embed_tokens.weight": "transformer.wte.weight" if preset == "tiny-gpt2" else "model.embed_tokens.weight",
+        "model.norm.weight": "transformer.ln_f.weight" if preset == "tiny-gpt2" else "model.norm.weight",
+    }
+    if preset == "tiny-qwen":  # same parameter names: every gradient must agree
+        native_names = {name: name for name in our_grads}
+    for ours_name, native_name in native_names.items():
+        torch.testing.assert_close(our_grads[ours_name], native_grads[native_name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_runs_in_training_and_steps_aside_elsewhere() -> None:
+    model = random_model("tiny-qwen").train()
+    input_ids, labels = training_batch()
+    fused = model(input_ids=input_ids, labels=labels).loss
+    assert type(fused.grad_fn).__name__ == "LMHeadCrossEntropyBackward"
+    with torch.no_grad():
+        assert model(input_ids=input_ids, labels=labels).loss.grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "LMHeadCrossEntropy" not in type(model(input_ids=input_ids, labels=labels).loss.grad_fn).__name__
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: output)
+    assert "LMHeadCrossEntropy" not in type(model(input_ids=input_ids, labels=labels).loss.grad_fn).__name__
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [
+        dict(num_items_in_batch=torch.tensor(50)),  # the Trainer's count across gradient-accumulation micro-batches
+        dict(ignore_index=-1),
+        dict(shift_labels="explicit"),
+    ],
+    ids=["num_items_in_batch", "ignore_index", "shift_labels"],
+)
+def test_fused_loss_takes_transformers_loss_arguments(loss_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model("tiny-qwen")
+    input_ids, labels = training_batch()
+    if loss_kwargs.get("ignore_index") is not None:
+        labels = labels.masked_fill(labels == -100, loss_kwargs["ignore_index"])
+    if loss_kwargs.get("shift_labels") == "explicit":
+        loss_kwargs = dict(shift_labels=torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].roll(1, dims=1))
+    inputs = dict(input_ids=input_ids, labels=labels, **loss_kwargs)
+    fast = loss_logits_grads(model, **inputs)
+    assert_same_training_step(fast, plain(monkeypatch, lambda: loss_logits_grads(model, **inputs)))
+
+
+def test_fused_loss_with_no_targets_is_nan_with_zero_gradients_as_transformers() -> None:
+    model = random_model("tiny-qwen").train()
+    input_ids, _ = training_batch()
+    output = model(input_ids=input_ids, labels=torch.full_like(input_ids, -100))
+    assert type(output.loss.grad_fn).__name__ == "LMHeadCrossEntropyBackward"
+    assert output.loss.isnan()  # mean over zero tokens, exactly as transformers' loss
+    output.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_gradients_through_both_the_loss_and_the_returned_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A distillation-style objective: the loss scaled (not 1.0) plus a term on the logits themselves.
+    model = random_model("tiny-gpt2")
+    input_ids, labels = training_batch()
+
+    def step() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        output = model(input_ids=input_ids, labels=labels)
+        (0.5 * output.loss + output.logits.square().mean()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fast, slow = step(), plain(monkeypatch, step)
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], **CLOSE)
+
+
+def test_stacked_projections_step_aside_for_lora_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        random_model("tiny-qwen"),
+        peft.LoraConfig(
+            r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], init_lora_weights=False
+        ),
+    )
+    input_ids, _ = training_batch()
+    model.eval()
+    with torch.no_grad():
+        lora = model(input_ids=input_ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=input_ids).logits
+        slow = plain(monkeypatch, lambda: model(input_ids=input_ids).logits)
+    assert not torch.allclose(lora, base)  # the adapters change the output...
+    torch.testing.assert_close(lora, slow, **CLOSE)  # ...and are applied, not bypassed by a stacked matmul
+
+
+def test_fused_gelu_equals_transformers_gelu_new() -> None:
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 10_001, requires_grad=True)
+    mlp = modeling.MiniGPTMLP(MiniGPTConfig.from_preset("tiny-gpt2"))
+    fast = mlp.activation(x)
+    reference = ACT2FN["gelu_new"](x)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    (fast_grad,) = torch.autograd.grad(fast.sum(), x)
+    (reference_grad,) = torch.autograd.grad(reference.sum(), x)
+    torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-5, atol=2e-6)  # derivatives are O(1): a few ulps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation: decoding LM head
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_decoding_head_equals_lm_head_and_follows_weight_updates(rows: int) -> None:
+    model = random_model("tiny-qwen").eval()
+    hidden = torch.randn(rows, 1, model.config.hidden_size)
+    with torch.inference_mode():
+        assert model.decoding_head.applies(model.lm_head, hidden)
+        torch.testing.assert_close(model.decoding_head(model.lm_head, hidden), model.lm_head(hidden), **CLOSE)
+    with torch.no_grad():  # an optimizer step or load_state_dict changes the weight in place
+        model.lm_head.weight.mul_(-2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decoding_head(model.lm_head, hidden), model.lm_head(hidden), **CLOSE)
+
+
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(1, VOCAB, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    attention_mask[2, :7] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+@pytest.mark.parametrize("preset", STYLES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_gives_the_same_tokens_as_the_plain_path_and_transformers(
+    preset: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = random_model(preset).eval()
+    native = to_native(model).eval()
+    input_ids, attention_mask = (tensor[-batch:] for tensor in left_padded_prompts())
+
+    def greedy(m: nn.Module) -> torch.Tensor:
+        return m.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=40, min_new_tokens=40, do_sample=False
+        )
+
+    fast = greedy(model)
+    assert torch.equal(fast, plain(monkeypatch, lambda: greedy(model)))
+    assert torch.equal(fast, greedy(native))
