@@ -77,6 +77,8 @@ def peer_config(style: str, config: MiniGPTConfig) -> GPT2Config | Qwen2Config:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             tie_word_embeddings=True,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
             attn_implementation="sdpa",
         )
     return Qwen2Config(

@@ -493,6 +493,7 @@ class DecodingHead:
         return (
             FAST_PATHS
             and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # a compiled decoding step plans its own matmuls
             and hidden_states.device.type == "cpu"
             and hidden_states.numel() // hidden_states.shape[-1] <= self.max_rows
             and is_plain_linear(head)

@@ -1,0 +1,218 @@
+"""The GPU benchmark's steps (run by bench/gpu.sh): training MFU, generation against Qwen2, vLLM serving.
+
+    python bench/gpu_bench.py train                 # GPT-2 124M, bf16 autocast, seq 1024, torch.compile, vs GPT2LMHeadModel
+    python bench/gpu_bench.py generate              # greedy generate(): MiniGPT vs Qwen2ForCausalLM, eager and compiled
+    python bench/gpu_bench.py save-model OUT_DIR    # a Qwen-style MiniGPT to convert and serve
+    python bench/gpu_bench.py vllm NATIVE_DIR       # vLLM offline serving of the converted (native) export
+
+Every step also runs on CPU with `--device cpu --tiny` (tiny shapes), which is how it is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from measure import configure_cpu, machine_description, synchronize
+from pairs import PEER_NAMES, matmul_parameters, peer_config
+from torch import nn
+from transformers import CompileConfig, GPT2LMHeadModel, Qwen2ForCausalLM
+
+from minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from minigpt.convert import to_native
+
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
+
+
+def training_config(tiny: bool) -> MiniGPTConfig:
+    no_dropout = dict(embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    if tiny:
+        return MiniGPTConfig.from_preset("tiny-gpt2", attn_implementation="sdpa", **no_dropout)
+    return MiniGPTConfig.from_preset("gpt2", attn_implementation="sdpa", **no_dropout)
+
+
+def generation_config(tiny: bool) -> MiniGPTConfig:
+    return MiniGPTConfig.from_preset("tiny-qwen" if tiny else "qwen2.5-0.5b", attn_implementation="sdpa")
+
+
+def with_same_weights(ours: MiniGPTForCausalLM, peer_class: type[nn.Module], style: str) -> nn.Module:
+    """The transformers model of the same config holding MiniGPT's weights (converted)."""
+    peer = peer_class(peer_config(style, ours.config)).to(device=ours.device, dtype=ours.dtype)
+    peer.load_state_dict(to_native(ours).state_dict())
+    return peer
+
+
+def seconds_per_call(run: Callable[[], object], calls: int, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training: tokens/s and MFU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> None:
+    config = training_config(args.tiny)
+    seq_len, batch = (64, 4) if args.tiny else (args.seq_len, args.batch)
+    torch.manual_seed(0)
+    ours = MiniGPTForCausalLM(config).to(args.device)
+    contestants = {"MiniGPT": ours}
+    if not args.no_peer:
+        contestants[PEER_NAMES["gpt2"]] = with_same_weights(ours, GPT2LMHeadModel, "gpt2")
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=args.device)
+    # 6 N + 12 L C T FLOPs per token (PaLM / nanoGPT), N = matmul weights including the LM head.
+    flops_per_token = 6 * matmul_parameters(config) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    print(
+        f"training: MiniGPT {'tiny-gpt2' if args.tiny else 'gpt2 (GPT-2 124M)'} preset "
+        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M"
+        f" parameters), batch {batch} x {seq_len}, bf16 autocast, fused AdamW, sdpa, "
+        f"{'eager' if args.no_compile else 'torch.compile'}, peak {args.peak_tflops:.0f} TFLOP/s"
+    )
+    for name, model in contestants.items():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        forward = model if args.no_compile else torch.compile(model)
+
+        def step(forward: nn.Module = forward, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            with torch.autocast(device_type=args.device, dtype=torch.bfloat16):
+                loss = forward(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        for _ in range(args.warmup):  # the first call compiles
+            step()
+        synchronize(args.device)
+        warmup_seconds = time.perf_counter() - start
+        seconds = seconds_per_call(step, args.steps, args.device)
+        tokens_per_second = batch * seq_len / seconds
+        achieved_tflops = flops_per_token * tokens_per_second / 1e12
+        print(
+            f"  {name:<18} {tokens_per_second:>10.0f} tokens/s  {achieved_tflops:7.1f} TFLOP/s  "
+            f"MFU {100 * achieved_tflops / args.peak_tflops:5.1f}%   (warm-up incl. compile {warmup_seconds:.0f} s)"
+        )
+        del optimizer, forward
+        model.to("cpu")  # free the device for the next contestant
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation: MiniGPT vs Qwen2ForCausalLM through generate()
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def generate(args: argparse.Namespace) -> None:
+    config = generation_config(args.tiny)
+    new_tokens = 32 if args.tiny else args.new_tokens
+    torch.manual_seed(0)
+    ours = MiniGPTForCausalLM(config).to(device=args.device, dtype=torch.bfloat16).eval()
+    peer = with_same_weights(ours, Qwen2ForCausalLM, "qwen").eval()
+    for model in (ours, peer):
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    prompt = torch.randint(1, config.vocab_size, (1, 16), device=args.device)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = (
+        True  # transformers compiles only on GPUs unless told; lets --device cpu run it
+    )
+    modes = {"eager, dynamic cache": {}}
+    if not args.no_compile:
+        modes["static cache + torch.compile"] = dict(cache_implementation="static", compile_config=compile_config)
+    print(
+        f"generation: {'tiny-qwen' if args.tiny else 'qwen2.5-0.5b'} preset shape "
+        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
+        f"random weights), bf16, batch 1, 16-token prompt, {new_tokens} new tokens, greedy"
+    )
+    for mode, kwargs in modes.items():
+        speeds, outputs = {}, {}
+        for name, model in (("MiniGPT", ours), ("Qwen2ForCausalLM", peer)):
+
+            def run(model: nn.Module = model, kwargs: dict = kwargs) -> torch.Tensor:
+                return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+            with torch.inference_mode():
+                start = time.perf_counter()
+                outputs[name] = run()  # warm-up; compiles in the compiled mode
+                synchronize(args.device)
+                warmup_seconds = time.perf_counter() - start
+                speeds[name] = new_tokens / seconds_per_call(run, args.repeats, args.device)
+            print(f"  {mode:<30} {name:<18} {speeds[name]:8.1f} tokens/s   (first call {warmup_seconds:.0f} s)")
+        same = torch.equal(outputs["MiniGPT"], outputs["Qwen2ForCausalLM"])
+        print(
+            f"  {mode:<30} speed-up {speeds['MiniGPT'] / speeds['Qwen2ForCausalLM']:.2f}x, "
+            f"identical tokens: {'yes' if same else 'no (bf16 kernels may break near-ties differently)'}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Serving: vLLM on the native export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_model(args: argparse.Namespace) -> None:
+    """A Qwen-style MiniGPT (random weights, bf16) in a directory, for `minigpt convert --to-native`."""
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(generation_config(args.tiny)).to(torch.bfloat16)
+    model.save_pretrained(args.out_dir)
+    print(f"saved {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter MiniGPT to {args.out_dir}")
+
+
+def serve_with_vllm(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+
+    new_tokens = 32 if args.tiny else args.new_tokens
+    llm = LLM(model=args.native_dir, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.5)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    generator = torch.Generator().manual_seed(3)
+    vocab_size = json.loads((Path(args.native_dir) / "config.json").read_text())["vocab_size"]
+    for batch in (1, 64):
+        prompts = [{"prompt_token_ids": torch.randint(1, vocab_size, (16,), generator=generator).tolist()}] * batch
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        generated = sum(len(result.outputs[0].token_ids) for result in results)
+        print(f"  vLLM {args.native_dir}: batch {batch:>2}: {generated / seconds:9.1f} generated tokens/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("train", "generate", "save-model", "vllm"))
+    parser.add_argument("path", nargs="?", help="OUT_DIR for save-model, NATIVE_DIR for vllm")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the script itself in seconds")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--no-peer", action="store_true", help="training: skip transformers' GPT2LMHeadModel")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps (the first compiles)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    args = parser.parse_args()
+    args.out_dir = args.native_dir = args.path
+    if args.step in ("save-model", "vllm") and not args.path:
+        parser.error(f"{args.step} needs a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu --tiny to check the script on CPU")
+    if args.device == "cpu":
+        configure_cpu(torch.get_num_threads())
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast use tensor cores too
+    print(f"[{args.step}] {machine_description(args.device)}")
+    {"train": train, "generate": generate, "save-model": save_model, "vllm": serve_with_vllm}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
