@@ -191,7 +191,13 @@ class MiniGPTConfig(PreTrainedConfig):
         _one_of("norm_type", self.norm_type, NORM_TYPES)
         _one_of("mlp_type", self.mlp_type, MLP_TYPES)
         _one_of("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise ValueError(f"MiniGPTConfig.{field} must be a positive integer, got {getattr(self, field)!r}")
         if self.num_key_value_heads is None:
