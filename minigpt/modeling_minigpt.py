@@ -52,18 +52,62 @@ def is_plain_linear(*modules: nn.Module) -> bool:
     )
 
 
+def is_decoding_step(x: torch.Tensor) -> bool:
+    """A generation step on CPU: a handful of rows, no autograd, not being traced by torch.compile."""
+    return (
+        FAST_PATHS
+        and x.numel() <= 16 * x.shape[-1]
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # a compiled decoding step plans its own matmuls
+        and x.device.type == "cpu"
+    )
+
+
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; in a decoding step, a layer with more outputs than inputs (LM head, MLP up/gate) reads its weight
+    at memory speed.
+
+    Decoding multiplies a few rows by every weight matrix, so it is bound by reading the weights. With one row and a
+    wide (out x in) weight, the CPU BLAS runs `x @ W.T` at about half the memory speed, while `x @ W_t`, with a
+    column-major copy `W_t` (`column_major_copy`), streams it once; with a few rows, `(W @ x.T).T` does without the copy.
+    """
+    wide = layer.out_features > layer.in_features
+    # Inference tensors (weights created under torch.inference_mode) have no version counter to watch.
+    if not (wide and is_decoding_step(x) and is_plain_linear(layer) and not layer.weight.is_inference()):
+        return layer(x)
+    rows = x.reshape(-1, x.shape[-1])  # (B*T, in)
+    if len(rows) == 1:
+        out = rows @ column_major_copy(layer)
+    else:
+        out = (layer.weight @ rows.t()).t()
+    if layer.bias is not None:
+        out = out + layer.bias
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+def column_major_copy(layer: nn.Linear) -> torch.Tensor:
+    """layer.weight.T, contiguous: made on first use and kept while the weight is unchanged (same storage, same
+    version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it again."""
+    weight = layer.weight
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    cached = layer.__dict__.get("_column_major_copy")
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__["_column_major_copy"] = (key, weight.t().contiguous())  # (in, out)
+    return cached[1]
+
+
 def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """`tuple(layer(x) for layer in layers)`, computed as one matmul over the layers' stacked weights.
+    """`tuple(project(layer, x) for layer in layers)`, computed as one matmul over the layers' stacked weights.
 
     One wide matmul runs closer to the CPU's peak than two or three narrow ones, and the backward pass sums the input
     gradient inside one matmul instead of with extra additions. The parameters stay separate (`q_proj`, `k_proj`,
     `v_proj`; `gate_proj`, `up_proj`), so checkpoints, peft and conversions see the usual names.
     """
-    same_bias = len({layer.bias is None for layer in layers}) == 1
     # Decoding a few tokens: copying the weights would cost more than the wider matmul saves.
-    many_rows = x.numel() // x.shape[-1] >= 64
+    many_rows = x.numel() >= 64 * x.shape[-1]
+    same_bias = len({layer.bias is None for layer in layers}) == 1
     if not (FAST_PATHS and many_rows and same_bias and is_plain_linear(*layers)):
-        return tuple(layer(x) for layer in layers)
+        return tuple(project(layer, x) for layer in layers)
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
@@ -264,7 +308,7 @@ class MiniGPTMLP(nn.Module):
             gate, up = project_together(x, self.gate_proj, self.up_proj)
             hidden = self.activation(gate) * up
         else:
-            hidden = self.activation(self.up_proj(x))
+            hidden = self.activation(project(self.up_proj, x))
         return self.dropout(self.down_proj(hidden))
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
@@ -469,54 +513,6 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# LM head while decoding (fast path for generation on CPU)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class DecodingHead:
-    """Logits for the one to few positions a decoding step needs, at the speed of reading the (vocab x C) weight once.
-
-    With one row, x @ W.T makes the BLAS library repack the whole weight first (on CPU, twice as slow as the memory
-    read); x @ W_t with a column-major copy W_t does not. The copy is made once and kept while the weight is unchanged
-    (same storage, same version counter: an optimizer step or load_state_dict invalidates it). With a few rows,
-    (W @ x.T).T avoids the repacking without a copy.
-    """
-
-    max_rows = 16
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.weight_t: torch.Tensor | None = None
-
-    def applies(self, head: nn.Linear, hidden_states: torch.Tensor) -> bool:
-        return (
-            FAST_PATHS
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()  # a compiled decoding step plans its own matmuls
-            and hidden_states.device.type == "cpu"
-            and hidden_states.numel() // hidden_states.shape[-1] <= self.max_rows
-            and is_plain_linear(head)
-            and head.bias is None
-            and not head.weight.is_inference()  # inference tensors have no version counter to watch
-        )
-
-    def __call__(self, head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, C)
-        weight = head.weight  # (V, C)
-        if rows.shape[0] > 1:
-            logits = (weight @ rows.t()).t()
-        else:
-            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-            if key != self.key:
-                self.key, self.weight_t = key, weight.t().contiguous()  # (C, V)
-            logits = rows @ self.weight_t
-        return logits.view(*hidden_states.shape[:-1], -1)  # (B, T, V)
-
-    def forget(self) -> None:
-        self.key = self.weight_t = None
-
-
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPTModel plus the LM head: hidden states -> next-token logits over the vocabulary."""
 
@@ -526,7 +522,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.decoding_head = DecodingHead()
         self.post_init()
 
     @can_return_tuple
@@ -556,15 +551,12 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         if torch.is_grad_enabled():
-            self.decoding_head.forget()  # training: free the decoding copy of the weight
+            self.forget_column_major_copies()  # training: free the decoding copies of the weights
         loss = None
         if labels is not None and self._can_fuse_head_and_loss(hidden_states, logits_to_keep):
             loss, logits = self._fused_head_and_loss(hidden_states, labels, **kwargs)
         else:
-            if self.decoding_head.applies(self.lm_head, hidden_states):
-                logits = self.decoding_head(self.lm_head, hidden_states)
-            else:
-                logits = self.lm_head(hidden_states)  # (B, T, vocab)
+            logits = project(self.lm_head, hidden_states)  # (B, T, vocab)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
@@ -574,6 +566,10 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def forget_column_major_copies(self) -> None:
+        for module in self.modules():
+            module.__dict__.pop("_column_major_copy", None)
 
     def _can_fuse_head_and_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
         """The one-pass head + loss serves float32 CPU training with the standard loss; all else takes the plain path

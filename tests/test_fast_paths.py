@@ -198,16 +198,21 @@ def test_fused_gelu_equals_transformers_gelu_new() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_decoding_head_equals_lm_head_and_follows_weight_updates(rows: int) -> None:
-    model = random_model("tiny-qwen").eval()
-    hidden = torch.randn(rows, 1, model.config.hidden_size)
-    with torch.inference_mode():
-        assert model.decoding_head.applies(model.lm_head, hidden)
-        torch.testing.assert_close(model.decoding_head(model.lm_head, hidden), model.lm_head(hidden), **CLOSE)
-    with torch.no_grad():  # an optimizer step or load_state_dict changes the weight in place
-        model.lm_head.weight.mul_(-2.0)
-    with torch.inference_mode():
-        torch.testing.assert_close(model.decoding_head(model.lm_head, hidden), model.lm_head(hidden), **CLOSE)
+def test_decoding_projection_equals_the_layer_and_follows_weight_updates(rows: int) -> None:
+    model = random_model("tiny-gpt2").eval()
+    layers = {"lm_head": model.lm_head, "up_proj (with bias)": model.model.layers[0].mlp.up_proj}
+    for name, layer in layers.items():
+        x = torch.randn(rows, 1, layer.in_features)
+        with torch.inference_mode():
+            assert modeling.is_decoding_step(x) and layer.out_features > layer.in_features, name
+            torch.testing.assert_close(modeling.project(layer, x), layer(x), **CLOSE, msg=name)
+        with torch.no_grad():  # an optimizer step or load_state_dict changes the weight in place
+            layer.weight.mul_(-2.0)
+        with torch.inference_mode():
+            torch.testing.assert_close(modeling.project(layer, x), layer(x), **CLOSE, msg=name)
+    assert ("_column_major_copy" in model.lm_head.__dict__) == (rows == 1)
+    model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
+    assert "_column_major_copy" not in model.lm_head.__dict__
 
 
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
