@@ -1,13 +1,18 @@
 """MiniGPT: a decoder-only transformer, GPT-2 style or Qwen2.5 style, as a Hugging Face `PreTrainedModel`.
 
-Read it top to bottom like the book: normalisation -> position information (learned table or rotary) -> attention
-(MHA/GQA/MQA, causal mask, KV cache) -> feed-forward (GELU or SwiGLU) -> transformer block -> model -> LM head.
+Read it top to bottom like the book: normalisation -> position information (learned table or rotary) -> projections
+-> attention (MHA/GQA/MQA, causal mask, KV cache) -> feed-forward (GELU or SwiGLU) -> transformer block -> model ->
+LM head and loss.
 Every architectural difference is a config field (see `configuration_minigpt.py`), never a copied class.
 
 Parameter names are transformers' Llama/Qwen2 names (`model.layers.N.self_attn.q_proj`, `mlp.down_proj`, ...), so
 peft, TRL, vLLM and conversion scripts find the layers they expect. This file is copied next to the weights by
 `save_pretrained`; it imports only torch, transformers and (relatively) its config, so it loads with
 `trust_remote_code=True` where the `minigpt` package is not installed.
+
+Fast paths (stacked projections, decoding projections, fused GELU, one-pass LM head + loss) compute the same numbers
+as the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
+aside for what it does not cover (peft/LoRA layers, hooks, autocast, torch.compile); `FAST_PATHS = False` turns all off.
 
 Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, hs head size.
 """
@@ -38,6 +43,82 @@ from .configuration_minigpt import MiniGPTConfig
 # Fast paths compute the same numbers as the plain code with fewer passes over memory (see each one's comment).
 # Switch off to run the plain path, e.g. to compare the two in tests.
 FAST_PATHS = True
+
+# --------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTRMSNorm(nn.Module):
+    """RMSNorm (Qwen, Llama): scale by the root mean square, no centring, no bias. Computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # float32 statistics keep bf16/fp16 training stable; the fused kernel does mean-square, rsqrt and scale at once.
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def make_norm(config: MiniGPTConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Qwen), as the config says."""
+    size = size or config.hidden_size
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(size, eps=config.norm_eps)
+    return MiniGPTRMSNorm(size, eps=config.norm_eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE): positions enter attention as rotations of query/key pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(config: MiniGPTConfig) -> torch.Tensor:
+    """theta^(-2i/hs) for i < hs/2: one rotation speed per pair of head dimensions."""
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+class MiniGPTRotaryEmbedding(nn.Module):
+    """Turns position ids into the (cos, sin) tables that rotate queries and keys."""
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Not saved with the weights (recomputed in `_init_weights` after `from_pretrained`).
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T, hs/2): angle = position x frequency, computed in float32 even under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float32)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (B, heads, T, hs) queries and keys by their positions' angles."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Projections: nn.Linear layers, with fast paths for training (stacked weights) and decoding (weights read once)
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def is_plain_linear(*modules: nn.Module) -> bool:
@@ -111,78 +192,6 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class MiniGPTRMSNorm(nn.Module):
-    """RMSNorm (Qwen, Llama): scale by the root mean square, no centring, no bias. Computed in float32."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # float32 statistics keep bf16/fp16 training stable; the fused kernel does mean-square, rsqrt and scale at once.
-        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
-        return self.weight * normed.to(hidden_states.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-def make_norm(config: MiniGPTConfig, size: int | None = None) -> nn.Module:
-    """LayerNorm (GPT-2) or RMSNorm (Qwen), as the config says."""
-    size = size or config.hidden_size
-    if config.norm_type == "layernorm":
-        return nn.LayerNorm(size, eps=config.norm_eps)
-    return MiniGPTRMSNorm(size, eps=config.norm_eps)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (RoPE): positions enter attention as rotations of query/key pairs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def rope_inverse_frequencies(config: MiniGPTConfig) -> torch.Tensor:
-    """theta^(-2i/hs) for i < hs/2: one rotation speed per pair of head dimensions."""
-    dim = config.head_dim
-    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-
-
-class MiniGPTRotaryEmbedding(nn.Module):
-    """Turns position ids into the (cos, sin) tables that rotate queries and keys."""
-
-    def __init__(self, config: MiniGPTConfig) -> None:
-        super().__init__()
-        self.config = config
-        # Not saved with the weights (recomputed in `_init_weights` after `from_pretrained`).
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (B, T, hs/2): angle = position x frequency, computed in float32 even under autocast.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float32)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
-            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (B, heads, T, hs) queries and keys by their positions' angles."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs): broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # --------------------------------------------------------------------------------------------------------------------
