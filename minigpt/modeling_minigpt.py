@@ -186,8 +186,8 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
     """
     # Decoding a few tokens: copying the weights would cost more than the wider matmul saves.
     many_rows = x.numel() >= 64 * x.shape[-1]
-    same_bias = len({layer.bias is None for layer in layers}) == 1
-    if not (FAST_PATHS and many_rows and same_bias and is_plain_linear(*layers)):
+    biases_alike = len({layer.bias is None for layer in layers}) == 1
+    if not (FAST_PATHS and many_rows and biases_alike and is_plain_linear(*layers)):
         return tuple(project(layer, x) for layer in layers)
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
