@@ -1,6 +1,6 @@
 """`minigpt quickstart`: from nothing to a chat model that answers questions about facts it saw only in pretraining.
 
-The --tiny run is the CI check (at most 2 minutes, a low bar: TINY.min_accuracy per language); the default run is the
+The --tiny run is the CI check (at most 2 minutes, a low, stated bar: TINY_MIN_ACCURACY per language); the default run is the
 headline (at most 10 minutes, at least 80% in English and in Chinese) and is marked slow."""
 
 from __future__ import annotations
