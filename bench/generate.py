@@ -21,7 +21,7 @@ from torch import nn
 
 
 def prompts(batch: int, prompt_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) for `batch` random prompts; with several, lengths differ and padding is on the left."""
+    """(input_ids, attention_mask) for `batch` random prompts; several have different lengths, padded on the left."""
     generator = torch.Generator().manual_seed(2)
     input_ids = torch.randint(1, vocab_size, (batch, prompt_len), generator=generator)
     attention_mask = torch.ones_like(input_ids)
@@ -63,7 +63,8 @@ def compare(style: str, args: argparse.Namespace) -> None:
         speeds = {name: generated / median(seconds) for name, seconds in timings.items()}
         print(
             f"{style:<5} {workload:<8} MiniGPT {speeds['MiniGPT']:8.1f} tok/s   {peer_name} {speeds[peer_name]:8.1f} "
-            f"tok/s   speed-up {speeds['MiniGPT'] / speeds[peer_name]:.2f}x   identical tokens: {'yes' if same else 'NO'}"
+            f"tok/s   speed-up {speeds['MiniGPT'] / speeds[peer_name]:.2f}x   "
+            f"identical tokens: {'yes' if same else 'NO'}"
         )
 
 

@@ -1,6 +1,6 @@
 """The GPU benchmark's steps (run by bench/gpu.sh): training MFU, generation against Qwen2, vLLM serving.
 
-    python bench/gpu_bench.py train                 # GPT-2 124M, bf16 autocast, seq 1024, torch.compile, vs GPT2LMHeadModel
+    python bench/gpu_bench.py train                 # GPT-2 124M, bf16, seq 1024, compiled, vs GPT2LMHeadModel
     python bench/gpu_bench.py generate              # greedy generate(): MiniGPT vs Qwen2ForCausalLM, eager and compiled
     python bench/gpu_bench.py save-model OUT_DIR    # a Qwen-style MiniGPT to convert and serve
     python bench/gpu_bench.py vllm NATIVE_DIR       # vLLM offline serving of the converted (native) export

@@ -56,7 +56,8 @@ def compare(style: str, args: argparse.Namespace) -> dict[str, float]:
     tokens = shape.batch * shape.seq_len
     flops = training_flops_per_token(ours.config, shape.seq_len) * tokens
     print(
-        f"\n{style} style: first-step loss MiniGPT {first_losses['MiniGPT']:.3f}, {peer_name} {first_losses[peer_name]:.3f}"
+        f"\n{style} style (same weights): first-step loss MiniGPT {first_losses['MiniGPT']:.4f}, "
+        f"{peer_name} {first_losses[peer_name]:.4f}"
     )
     print(f"{'model':<18} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'% ceiling':>10}")
     rows = {}

@@ -10,8 +10,8 @@ peft, TRL, vLLM and conversion scripts find the layers they expect. This file is
 `save_pretrained`; it imports only torch, transformers and (relatively) its config, so it loads with
 `trust_remote_code=True` where the `minigpt` package is not installed.
 
-Fast paths (stacked projections, decoding projections, fused GELU, one-pass LM head + loss) compute the same numbers
-as the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
+Fast paths (stacked projections, decoding projections, fused GELU, fused LM head + loss) compute the same numbers as
+the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
 aside for what it does not cover (peft/LoRA layers, hooks, autocast, torch.compile); `FAST_PATHS = False` turns all off.
 
 Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, hs head size.
@@ -150,7 +150,7 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
     Decoding multiplies a few rows by every weight matrix, so it is bound by reading the weights. With one row and a
     wide (out x in) weight, the CPU BLAS runs `x @ W.T` at about half the memory speed, while `x @ W_t`, with a
-    column-major copy `W_t` (`column_major_copy`), streams it once; with a few rows, `(W @ x.T).T` does without the copy.
+    column-major copy `W_t` (`column_major_copy`), streams it once; with a few rows, `(W @ x.T).T` needs no copy.
     """
     wide = layer.out_features > layer.in_features
     # Inference tensors (weights created under torch.inference_mode) have no version counter to watch.
@@ -459,7 +459,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Next-token loss: LM head and cross-entropy in one pass (fast path for float32 training on CPU)
+# Next-token loss: LM head and cross-entropy with fewer passes (fast path for float32 training on CPU)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -476,10 +476,11 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     """logits = hidden @ weight.T and their mean cross-entropy, with d(loss)/d(logits) computed in the forward pass.
 
     transformers' loss builds three more (tokens x vocab) tensors after the logits: the log-softmax, a zero-filled
-    gradient and the softmax gradient. With GPT-2's 50k vocabulary each is 400 MB for 2k tokens, and on CPU each
-    fresh buffer costs a page-faulting pass over memory, more than all the layers' elementwise work together. Here the
-    softmax runs over a few rows at a time while they sit in cache, writing straight into one gradient buffer. Same
-    formula (logsumexp - target logit), so the loss and gradients agree to float32 rounding.
+    gradient and the softmax gradient, each read again in the backward pass. With GPT-2's 50k vocabulary each is
+    400 MB for 2k tokens, and on CPU each fresh buffer also costs a page-faulting pass over memory. Here the gradient
+    (softmax minus one-hot, scaled) is written into one buffer in place, and the backward pass only multiplies it
+    by the weight and the hidden states. Same formula (logsumexp - target logit), so the loss and gradients agree
+    to float32 rounding.
     """
 
     @staticmethod
@@ -487,22 +488,16 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         # hidden (N, C), weight (V, C), targets (N,); `divisor` is what the summed loss is divided by.
         ctx.set_materialize_grads(False)  # an unused `logits` output must not cost a zero-filled gradient
         logits = hidden @ weight.t()  # (N, V), returned to the caller
-        grad_logits = torch.empty_like(logits)
-        has_target = targets != ignore_index
-        safe_targets = torch.where(has_target, targets, 0)[:, None]  # (N, 1)
+        keep = (targets != ignore_index)[:, None]  # (N, 1): tokens with a target
+        safe_targets = torch.where(keep, targets[:, None], 0)  # (N, 1)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        grad_logits = torch.sub(logits, row_max).exp_()  # exp(x - max), (N, V)
+        row_sum = grad_logits.sum(dim=-1, keepdim=True)
+        token_losses = row_sum.log() + row_max - logits.gather(1, safe_targets)  # logsumexp - target logit
+        loss = torch.where(keep, token_losses, 0.0).sum() / divisor
         inverse_divisor = 1.0 / float(divisor) if float(divisor) != 0 else 0.0  # no targets at all: zero gradient
-        token_losses = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
-        rows = max(1, (4 << 20) // (logits.shape[1] * logits.element_size()))  # ~4 MB per block: stays in cache
-        for start in range(0, len(targets), rows):
-            block, grad_block = logits[start : start + rows], grad_logits[start : start + rows]  # (r, V)
-            target, keep = safe_targets[start : start + rows], has_target[start : start + rows, None]
-            row_max = block.amax(dim=-1, keepdim=True)
-            torch.sub(block, row_max, out=grad_block).exp_()  # exp(x - max)
-            row_sum = grad_block.sum(dim=-1, keepdim=True)
-            token_losses[start : start + rows] = (row_sum.log() + row_max - block.gather(1, target)).squeeze(1)
-            grad_block.mul_(keep * inverse_divisor / row_sum)  # softmax / divisor; zero for rows without a target
-            grad_block.scatter_add_(1, target, keep * -inverse_divisor)  # minus one-hot of the target
-        loss = torch.where(has_target, token_losses, 0.0).sum() / divisor
+        grad_logits.mul_(keep * inverse_divisor / row_sum)  # softmax / divisor; zero for tokens without a target
+        grad_logits.scatter_add_(1, safe_targets, keep * -inverse_divisor)  # minus one-hot of the target
         ctx.save_for_backward(hidden, weight, grad_logits)
         return loss, logits
 
@@ -581,8 +576,9 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             module.__dict__.pop("_column_major_copy", None)
 
     def _can_fuse_head_and_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
-        """The one-pass head + loss serves float32 CPU training with the standard loss; all else takes the plain path
-        (under autocast or torch.compile the plain path is what gets fused)."""
+        """The fused head + loss serves float32 CPU training with the standard loss; all else takes the plain path
+        (autocast keeps transformers' float32 upcast of the logits; under torch.compile the compiler fuses the plain
+        path itself)."""
         return (
             FAST_PATHS
             and torch.is_grad_enabled()

@@ -1,9 +1,9 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
-Fast paths: the LM head + cross-entropy in one pass (float32 CPU training), the stacked q/k/v and gate/up matmuls,
-PyTorch's fused tanh-GELU, and the decoding LM head (CPU generation). Each test runs the same model with
-`FAST_PATHS` on and off (`plain`), or against transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same
-weights, and compares with `assert_close`.
+Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
+fused tanh-GELU, and the decoding projections (CPU generation). Each test runs the same model with `FAST_PATHS` on and
+off (`plain`), or against transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares
+with `assert_close`.
 """
 
 from __future__ import annotations
