@@ -96,6 +96,7 @@ def main() -> None:
     )
     print(f"machine: {machine_description()}")
     print("FLOPs per step = tokens x (6 x matmul weights incl. LM head + 12 x layers x hidden x seq_len)")
+    print("ceiling = sustained float32 2048x2048 @ 2048x2048 torch.matmul, measured in every round (median)")
     for style in args.styles:
         compare(style, args)
     print(f"\nload average at the end: {load_average()}")
