@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from measure import configure_cpu, machine_description, synchronize
+from measure import configure_cpu, machine_description, matmul_gflops, synchronize
 from pairs import PEER_NAMES, matmul_parameters, peer_config
 from torch import nn
 from transformers import CompileConfig, GPT2LMHeadModel, Qwen2ForCausalLM
@@ -28,11 +28,12 @@ from minigpt.convert import to_native
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
 
 
-def training_config(tiny: bool) -> MiniGPTConfig:
+def training_config(tiny: bool, pad_vocab_to: int = 1) -> MiniGPTConfig:
+    """GPT-2 124M (or tiny); `pad_vocab_to` rounds the vocabulary up (nanoGPT's 50257 -> 50304 for tensor cores)."""
     no_dropout = dict(embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
-    if tiny:
-        return MiniGPTConfig.from_preset("tiny-gpt2", attn_implementation="sdpa", **no_dropout)
-    return MiniGPTConfig.from_preset("gpt2", attn_implementation="sdpa", **no_dropout)
+    config = MiniGPTConfig.from_preset("tiny-gpt2" if tiny else "gpt2", attn_implementation="sdpa", **no_dropout)
+    config.vocab_size = -(-config.vocab_size // pad_vocab_to) * pad_vocab_to
+    return config
 
 
 def generation_config(tiny: bool) -> MiniGPTConfig:
@@ -61,7 +62,7 @@ def seconds_per_call(run: Callable[[], object], calls: int, device: str) -> floa
 
 
 def train(args: argparse.Namespace) -> None:
-    config = training_config(args.tiny)
+    config = training_config(args.tiny, args.pad_vocab_to)
     seq_len, batch = (64, 4) if args.tiny else (args.seq_len, args.batch)
     torch.manual_seed(0)
     ours = MiniGPTForCausalLM(config).to(args.device)
@@ -69,18 +70,23 @@ def train(args: argparse.Namespace) -> None:
     if not args.no_peer:
         contestants[PEER_NAMES["gpt2"]] = with_same_weights(ours, GPT2LMHeadModel, "gpt2")
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=args.device)
-    # 6 N + 12 L C T FLOPs per token (PaLM / nanoGPT), N = matmul weights including the LM head.
-    flops_per_token = 6 * matmul_parameters(config) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    # 6 N + 12 L C T FLOPs per token (PaLM / nanoGPT), N = matmul weights including the LM head; padded vocabulary
+    # rows are not counted (they are wasted work, not useful FLOPs).
+    real = training_config(args.tiny)
+    flops_per_token = 6 * matmul_parameters(real) + 12 * real.num_hidden_layers * real.hidden_size * seq_len
+    size = 1024 if args.tiny else 8192
+    ceiling = matmul_gflops(size, repeats=10, device=args.device, dtype=torch.bfloat16) / 1e3
+    print(f"bf16 matmul ceiling measured now ({size}^3): {ceiling:.0f} TFLOP/s")
     print(
         f"training: MiniGPT {'tiny-gpt2' if args.tiny else 'gpt2 (GPT-2 124M)'} preset "
         f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M"
-        f" parameters), batch {batch} x {seq_len}, bf16 autocast, fused AdamW, sdpa, "
-        f"{'eager' if args.no_compile else 'torch.compile'}, peak {args.peak_tflops:.0f} TFLOP/s"
+        f" parameters, vocab {config.vocab_size}), batch {batch} x {seq_len}, bf16 autocast, fused AdamW, sdpa, "
+        f"{'eager' if args.no_compile else 'torch.compile mode ' + (args.compile_mode or 'default')}, peak {args.peak_tflops:.0f} TFLOP/s"
     )
     for name, model in contestants.items():
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-        forward = model if args.no_compile else torch.compile(model)
+        forward = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
 
         def step(forward: nn.Module = forward, optimizer: torch.optim.Optimizer = optimizer) -> None:
             with torch.autocast(device_type=args.device, dtype=torch.bfloat16):
@@ -99,7 +105,8 @@ def train(args: argparse.Namespace) -> None:
         achieved_tflops = flops_per_token * tokens_per_second / 1e12
         print(
             f"  {name:<18} {tokens_per_second:>10.0f} tokens/s  {achieved_tflops:7.1f} TFLOP/s  "
-            f"MFU {100 * achieved_tflops / args.peak_tflops:5.1f}%   (warm-up incl. compile {warmup_seconds:.0f} s)"
+            f"MFU {100 * achieved_tflops / args.peak_tflops:5.1f}%  ({100 * achieved_tflops / ceiling:.0f}% of the "
+            f"measured ceiling; warm-up incl. compile {warmup_seconds:.0f} s)"
         )
         del optimizer, forward
         model.to("cpu")  # free the device for the next contestant
@@ -192,9 +199,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the script itself in seconds")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--compile-mode", default=None, help="training: torch.compile mode (e.g. max-autotune)")
     parser.add_argument("--no-peer", action="store_true", help="training: skip transformers' GPT2LMHeadModel")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--pad-vocab-to", type=int, default=1, help="training: round the vocabulary up (64: 50304)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps (the first compiles)")
     parser.add_argument("--new-tokens", type=int, default=256)
