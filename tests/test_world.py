@@ -14,7 +14,7 @@ from minigpt.evaluate import reply_is_right
 
 @pytest.fixture(scope="module")
 def world():
-    return build_world(seed=0, size=120)
+    return build_world(seed=0, size=120, bio_copies=6)
 
 
 def sentences(text: str) -> list[str]:
