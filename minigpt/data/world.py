@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 class Attribute:
     """One attribute of an entity kind: how the fact is stated (six phrasings per language), asked and answered.
 
-    Templates use `{name}` and `{value}`, and `{a}` for the English article of the value ("a"/"an"). Answers end the
-    way a pretraining sentence ends (" Thorgrad.") so the model copies the same tokens it learned."""
+    Templates use `{name}` and `{value}`, and `{a}` for the English article of the value ("a"/"an"). An answer is one
+    of the pretraining phrasings without the name ("A native of Thorgrad."), so it ends on the tokens the model learned,
+    and each attribute's answer starts with its own word: answers that share an opening ("Born in ...", "Born in the
+    year ...") let a small model slip into the wrong attribute's answer."""
 
     name: str
     statements_en: tuple[str, ...]
@@ -58,7 +60,7 @@ PERSON_ATTRIBUTES = (
         ),
         "Where was {name} born?",
         "{name}出生在哪里？",
-        "Born in {value}.",
+        "A native of {value}.",
         "出生于{value}。",
     ),
     Attribute(
@@ -104,7 +106,7 @@ PERSON_ATTRIBUTES = (
         ),
         "What is the favourite colour of {name}?",
         "{name}最喜欢什么颜色？",
-        "It is {value}.",
+        "Loves the colour {value}.",
         "最喜欢{value}。",
     ),
     Attribute(
@@ -153,7 +155,7 @@ PLACE_ATTRIBUTES = (
         ),
         "Which country is {name} in?",
         "{name}在哪个国家？",
-        "It lies in {value}.",
+        "Lies in {value}.",
         "位于{value}。",
     ),
     Attribute(
@@ -176,7 +178,7 @@ PLACE_ATTRIBUTES = (
         ),
         "What is {name} famous for?",
         "{name}以什么闻名？",
-        "It is famous for its {value}.",
+        "Known for {value}.",
         "以{value}闻名。",
     ),
 )
@@ -202,7 +204,7 @@ THING_ATTRIBUTES = (
         ),
         "What kind of thing is {name}?",
         "{name}是什么东西？",
-        "It is a kind of {value}.",
+        "Counts as {a} {value}.",
         "是一种{value}。",
     ),
     Attribute(
@@ -225,8 +227,8 @@ THING_ATTRIBUTES = (
         ),
         "What colour is {name}?",
         "{name}是什么颜色的？",
-        "It is {value}.",
-        "是{value}的。",
+        "Looks {value}.",
+        "呈{value}。",
     ),
     Attribute(
         "origin",
@@ -248,7 +250,7 @@ THING_ATTRIBUTES = (
         ),
         "Where does {name} come from?",
         "{name}产自哪里？",
-        "It comes from {value}.",
+        "Originally comes from {value}.",
         "产自{value}。",
     ),
 )
