@@ -15,10 +15,13 @@ from .errors import MiniGPTError
 
 # command -> (module, one-line description); the order is the order of the book.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("minigpt.quickstart", "corpus -> tokenizer -> pretrain -> SFT -> eval -> chat, in one run, no files needed"),
+    "quickstart": (
+        "minigpt.quickstart",
+        "corpus -> tokenizer -> pretrain -> SFT -> eval -> chat, in one run, no files needed",
+    ),
     "train-tokenizer": ("minigpt.tokenization", "train a byte-level BPE tokenizer with a ChatML chat template"),
-    "pretrain": ("minigpt.train", "pretrain a model from a preset on plain text (\"pretraining learns knowledge\")"),
-    "sft": ("minigpt.train", "supervised fine-tuning on conversations (\"SFT learns to talk\")"),
+    "pretrain": ("minigpt.train", 'pretrain a model from a preset on plain text ("pretraining learns knowledge")'),
+    "sft": ("minigpt.train", 'supervised fine-tuning on conversations ("SFT learns to talk")'),
     "dpo": ("minigpt.train", "preference tuning with DPO on chosen/rejected pairs"),
     "eval": ("minigpt.evaluate", "perplexity, bits per byte and held-out question accuracy"),
     "chat": ("minigpt.chat", "streaming chat in the terminal with any chat model"),

@@ -160,6 +160,40 @@ def test_gradients_through_both_the_loss_and_the_returned_logits(monkeypatch: py
         torch.testing.assert_close(fast[name], slow[name], **CLOSE)
 
 
+def test_loss_gradient_buffer_is_reused_and_never_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused loss keeps its (tokens x vocab) gradient buffer between steps; every step still equals the plain
+    path, two forwards before their backwards get separate buffers, and a stale graph cannot read a reused one."""
+    model = random_model("tiny-qwen")
+    input_ids, labels = training_batch()
+    for _ in range(2):  # the second step runs in the kept buffer
+        fast = loss_logits_grads(model, input_ids=input_ids, labels=labels)
+        assert_same_training_step(
+            fast, plain(monkeypatch, lambda: loss_logits_grads(model, input_ids=input_ids, labels=labels))
+        )
+    kept = model.__dict__["_loss_gradient_buffer"].tensor
+    assert kept is not None and not model.__dict__["_loss_gradient_buffer"].lent
+
+    # Gradient accumulation in the other order: two forwards, then both backwards; the sum of grads must match.
+    other_ids = input_ids.flip(0)
+    model.zero_grad(set_to_none=True)
+    first, second = model(input_ids=input_ids, labels=labels).loss, model(input_ids=other_ids, labels=other_ids).loss
+    (first + second).backward()
+    together = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    model(input_ids=other_ids, labels=other_ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(together[name], p.grad, **CLOSE)
+    assert model.__dict__["_loss_gradient_buffer"].tensor is kept  # same memory, no new allocation
+
+    # A graph kept for a second backward, after the buffer was reused by another step: autograd refuses.
+    stale = model(input_ids=input_ids, labels=labels).loss
+    stale.backward(retain_graph=True)
+    model(input_ids=other_ids, labels=other_ids).loss.backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_stacked_projections_step_aside_for_lora_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
