@@ -42,18 +42,18 @@ class Plan:
 
 
 DEFAULT = Plan(
-    people=200,
+    people=50,
     bio_copies=40,
     vocab_size=3072,
     model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
     block_size=128,
-    pretrain_steps=540,
-    pretrain_batch=32,
+    pretrain_steps=650,
+    pretrain_batch=16,
     pretrain_lr=2e-3,
-    sft_steps=200,
+    sft_steps=120,
     sft_batch=32,
-    sft_lr=3e-4,
-    questions_per_language=200,
+    sft_lr=1e-3,
+    questions_per_language=125,  # all of them: 25 people x 4 + 5 places x 2 + 5 things x 3
     min_accuracy=0.8,
 )
 # For tests: the same pipeline at a size that runs in about a minute; it learns some facts, not most.

@@ -33,7 +33,7 @@ def run_quickstart_command(out: Path, *flags: str, timeout: int) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), result.stdout
 
 
-# The --tiny run (40 people, 2 layers, ~1 minute of training) checks the whole pipeline, not learning: measured in
+# The --tiny run (30 people, 2 layers, ~1 minute of training) checks the whole pipeline, not learning: measured in
 # CI it answered 7.5% (en) / 17.5% (zh) of its held-out questions, so its bar only catches a model that gets
 # nothing right. Learning is what the slow default run proves (>= 80% in each language).
 TINY_MIN_ACCURACY = 0.05
