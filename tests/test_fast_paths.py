@@ -249,6 +249,28 @@ def test_decoding_projection_equals_the_layer_and_follows_weight_updates(rows: i
     assert "_column_major_copy" not in model.lm_head.__dict__
 
 
+def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> None:
+    """Decoding one sequence runs q/k/v (with biases, Qwen style) and gate/up as one matmul over a kept stacked copy."""
+    rows = 1
+    model = random_model("tiny-qwen").eval()
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    groups = {"q/k/v": (attention.q_proj, attention.k_proj, attention.v_proj), "gate/up": (mlp.gate_proj, mlp.up_proj)}
+    for name, layers in groups.items():
+        x = torch.randn(rows, 1, layers[0].in_features)
+        for change in (None, "weight", "bias"):
+            target = layers[-1].weight if change == "weight" else layers[-1].bias if change == "bias" else None
+            if target is not None:
+                with torch.no_grad():  # an optimizer step or load_state_dict changes a tensor in place
+                    target.mul_(-2.0)
+            with torch.inference_mode():
+                assert modeling.is_decoding_step(x), name
+                for fast, layer in zip(modeling.project_together(x, *layers), layers, strict=True):
+                    torch.testing.assert_close(fast, layer(x), **CLOSE, msg=f"{name} after {change}")
+        assert "_stacked_column_major_copy" in layers[0].__dict__, name
+    model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
+    assert "_stacked_column_major_copy" not in attention.q_proj.__dict__
+
+
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     input_ids = torch.randint(1, VOCAB, (3, 12), generator=generator)
