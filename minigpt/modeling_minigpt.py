@@ -162,22 +162,26 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     rows = x.reshape(-1, x.shape[-1])  # (B*T, in)
     if len(rows) == 1:
-        out = rows @ column_major_copy(layer)
+        weight_t, bias = column_major_copy(layer)
+        out = rows @ weight_t
     else:
-        out = (layer.weight @ rows.t()).t()
-    if layer.bias is not None:
-        out = out + layer.bias
+        out, bias = (layer.weight @ rows.t()).t(), layer.bias
+    if bias is not None:
+        out = out + bias
     return out.view(*x.shape[:-1], layer.out_features)
 
 
-def column_major_copy(layer: nn.Linear) -> torch.Tensor:
-    """layer.weight.T, contiguous: made on first use and kept while the weight is unchanged (same storage, same
+def column_major_copy(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the layers' weights stacked and transposed, (in, sum of outs), contiguous; their stacked biases or None):
+    made on first use and kept on the first layer while every weight and bias is unchanged (same storage, same
     version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it again."""
-    weight = layer.weight
-    key = (weight.data_ptr(), weight._version, weight.dtype)
-    cached = layer.__dict__.get("_column_major_copy")
+    tensors = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    cached = layers[0].__dict__.get("_column_major_copy")
     if cached is None or cached[0] != key:
-        cached = layer.__dict__["_column_major_copy"] = (key, weight.t().contiguous())  # (in, out)
+        weight_t = torch.cat([layer.weight for layer in layers]).t().contiguous()
+        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+        cached = layers[0].__dict__["_column_major_copy"] = (key, (weight_t, bias))
     return cached[1]
 
 
@@ -202,25 +206,12 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
         # Decoding one sequence: one matmul per step instead of two or three (each call costs more in dispatch than
         # in math here), over a stacked column-major copy kept while the weights are unchanged. With several rows the
         # per-layer path is faster (measured: batch 8 lost 13%).
-        weight_t, bias = stacked_column_major_copy(layers)
+        weight_t, bias = column_major_copy(*layers)
         out = x.reshape(-1, x.shape[-1]) @ weight_t
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], sum(sizes)).split(sizes, dim=-1)
     return tuple(project(layer, x) for layer in layers)
-
-
-def stacked_column_major_copy(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the layers' weights stacked and transposed (in, sum of outs), contiguous; their stacked biases), kept on the
-    first layer like `column_major_copy`, remade when any weight or bias changes, freed by a training forward."""
-    tensors = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-    cached = layers[0].__dict__.get("_stacked_column_major_copy")
-    if cached is None or cached[0] != key:
-        weight_t = torch.cat([layer.weight for layer in layers]).t().contiguous()
-        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        cached = layers[0].__dict__["_stacked_column_major_copy"] = (key, (weight_t, bias))
-    return cached[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -633,7 +624,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def forget_column_major_copies(self) -> None:
         for module in self.modules():
             module.__dict__.pop("_column_major_copy", None)
-            module.__dict__.pop("_stacked_column_major_copy", None)
 
     def _can_fuse_head_and_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
         """The fused head + loss serves float32 CPU training with the standard loss; all else takes the plain path

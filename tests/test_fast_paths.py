@@ -266,9 +266,9 @@ def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> N
                 assert modeling.is_decoding_step(x), name
                 for fast, layer in zip(modeling.project_together(x, *layers), layers, strict=True):
                     torch.testing.assert_close(fast, layer(x), **CLOSE, msg=f"{name} after {change}")
-        assert "_stacked_column_major_copy" in layers[0].__dict__, name
+        assert "_column_major_copy" in layers[0].__dict__, name
     model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
-    assert "_stacked_column_major_copy" not in attention.q_proj.__dict__
+    assert "_column_major_copy" not in attention.q_proj.__dict__
 
 
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
