@@ -518,6 +518,24 @@ class ReusedBuffer:
         self.lent = False
 
 
+def exp_and_sum(logits_t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """out = exp(logits_t - shift) and its sums over the vocabulary (dim 0); returns (shift, sums).
+
+    Softmax usually subtracts each token's largest logit first so that exp cannot overflow. That costs two passes
+    over the (V, N) logits (the max, then the subtraction), ~3% of a GPT-2-vocabulary training step here. float32 exp
+    only overflows above ~88 and loses its precision only when a whole column is tiny, so exp(x) is taken directly
+    and the max is subtracted only if some column's sum came out infinite, NaN or below 1e-30 (then every term that
+    matters is a normal float: the largest is at least 1e-30 / V).
+    """
+    torch.exp(logits_t, out=out)
+    sums = out.sum(dim=0, keepdim=True)
+    if bool(((sums >= 1e-30) & (sums < float("inf"))).all()):
+        return 0.0, sums
+    shift = logits_t.amax(dim=0, keepdim=True)
+    torch.sub(logits_t, shift, out=out).exp_()
+    return shift, out.sum(dim=0, keepdim=True)
+
+
 class LMHeadCrossEntropy(torch.autograd.Function):
     """logits = hidden @ weight.T and their mean cross-entropy, with d(loss)/d(logits) computed in the forward pass.
 
@@ -527,43 +545,46 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     (softmax minus one-hot, scaled) is written into one buffer in place, and the backward pass only multiplies it
     by the weight and the hidden states. Same formula (logsumexp - target logit), so the loss and gradients agree
     to float32 rounding.
+
+    The logits are computed vocabulary-major, (V, N) = weight @ hidden.T, and returned as its transpose (N, V): the
+    same values, not contiguous in memory. The CPU BLAS runs this product ~1.4x faster than hidden @ weight.T
+    (measured here: 675 ms against 1119 ms for 2048 tokens x 50257 x 384), and the two backward matmuls read the
+    vocabulary-major gradient faster too; the softmax sums run over dim 0 instead.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, divisor, buffer: ReusedBuffer):
         # hidden (N, C), weight (V, C), targets (N,); `divisor` is what the summed loss is divided by.
         ctx.set_materialize_grads(False)  # an unused `logits` output must not cost a zero-filled gradient
-        logits = hidden @ weight.t()  # (N, V), returned to the caller
-        keep = (targets != ignore_index)[:, None]  # (N, 1): tokens with a target
-        safe_targets = torch.where(keep, targets[:, None], 0)  # (N, 1)
-        row_max = logits.amax(dim=-1, keepdim=True)
-        grad_logits, ctx.borrowed = buffer.borrow(logits)
-        torch.sub(logits, row_max, out=grad_logits).exp_()  # exp(x - max), (N, V)
+        logits_t = weight @ hidden.t()  # (V, N), returned to the caller as its transpose
+        keep = (targets != ignore_index)[None]  # (1, N): tokens with a target
+        safe_targets = torch.where(keep, targets[None], 0)  # (1, N)
+        grad_t, ctx.borrowed = buffer.borrow(logits_t)
         ctx.buffer = buffer
-        row_sum = grad_logits.sum(dim=-1, keepdim=True)
-        token_losses = row_sum.log() + row_max - logits.gather(1, safe_targets)  # logsumexp - target logit
+        shift, column_sum = exp_and_sum(logits_t, out=grad_t)  # exp(x - shift) in the buffer, (V, N)
+        token_losses = column_sum.log() + shift - logits_t.gather(0, safe_targets)  # logsumexp - target logit
         loss = torch.where(keep, token_losses, 0.0).sum() / divisor
         inverse_divisor = 1.0 / float(divisor) if float(divisor) != 0 else 0.0  # no targets at all: zero gradient
-        grad_logits.mul_(keep * inverse_divisor / row_sum)  # softmax / divisor; zero for tokens without a target
-        grad_logits.scatter_add_(1, safe_targets, keep * -inverse_divisor)  # minus one-hot of the target
-        ctx.save_for_backward(hidden, weight, grad_logits)
-        return loss, logits
+        grad_t.mul_(keep * inverse_divisor / column_sum)  # softmax / divisor; zero for tokens without a target
+        grad_t.scatter_add_(0, safe_targets, keep * -inverse_divisor)  # minus one-hot of the target
+        ctx.save_for_backward(hidden, weight, grad_t)
+        return loss, logits_t.t()
 
     @staticmethod
     def backward(ctx, grad_loss, grad_of_logits):
-        hidden, weight, grad_logits = ctx.saved_tensors
+        hidden, weight, grad_t = ctx.saved_tensors  # grad_t: d(loss)/d(logits), vocabulary-major (V, N)
         if ctx.borrowed:  # given back now, used below: the next forward can only start after this backward
             ctx.buffer.give_back()
         if grad_loss is None:
-            grad_logits = None
+            grad_t = None
         elif grad_loss.item() != 1.0:  # backward() of the loss itself passes exactly 1: skip a pass over the buffer
-            grad_logits = grad_logits * grad_loss
-        if grad_of_logits is not None:  # the caller also differentiated through the returned logits
-            grad_logits = grad_of_logits if grad_logits is None else grad_logits + grad_of_logits
-        if grad_logits is None:
+            grad_t = grad_t * grad_loss
+        if grad_of_logits is not None:  # the caller also differentiated through the returned (N, V) logits
+            grad_t = grad_of_logits.t() if grad_t is None else grad_t + grad_of_logits.t()
+        if grad_t is None:
             return None, None, None, None, None, None
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_hidden = grad_t.t() @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_t @ hidden if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -99,6 +99,30 @@ def test_training_step_matches_transformers_own_model(preset: str) -> None:
         torch.testing.assert_close(our_grads[ours_name], native_grads[native_name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0, -40.0], ids=["ordinary", "overflowing", "all-tiny"])
+def test_softmax_sums_without_the_max_shift_equal_logsumexp(scale: float) -> None:
+    """exp_and_sum skips the max subtraction while exp cannot overflow or underflow; logits above ~88 (overflowing)
+    or columns of only very negative logits (all-tiny: every exp is 0 in float32) take the shifted path instead."""
+    generator = torch.Generator().manual_seed(3)
+    logits_t = torch.randn(500, 7, generator=generator) * 3
+    logits_t[:, 3] += scale * 5  # one token's logits: ordinary, up to ~215, or all below ~-185
+    shift, sums = modeling.exp_and_sum(logits_t, out=torch.empty_like(logits_t))
+    assert isinstance(shift, float) == (scale == 1.0)  # the shift is only paid for where needed
+    torch.testing.assert_close(sums.log() + shift, torch.logsumexp(logits_t, dim=0, keepdim=True))
+
+
+def test_fused_loss_with_huge_logits_equals_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model("tiny-qwen")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(400.0)  # logits in the hundreds: exp without a shift would overflow
+    input_ids, labels = training_batch()
+    fast = loss_logits_grads(model, input_ids=input_ids, labels=labels)
+    assert fast[1].abs().max() > 100 and fast[0].isfinite()
+    assert_same_training_step(
+        fast, plain(monkeypatch, lambda: loss_logits_grads(model, input_ids=input_ids, labels=labels))
+    )
+
+
 def test_fused_loss_runs_in_training_and_steps_aside_elsewhere() -> None:
     model = random_model("tiny-qwen").train()
     input_ids, labels = training_batch()
