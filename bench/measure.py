@@ -53,7 +53,10 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each contestant, called in alternation for `rounds` rounds after `warmup` rounds.
 
-    With `ceiling`, each round also measures the matmul ceiling, returned under the key "ceiling_gflops".
+    With `ceiling`, the matmul ceiling is measured before the first contestant of a round and after each one, and
+    each call's ceiling (the mean of the measurements just before and just after it) is returned under the key
+    "<name> ceiling". On a shared machine the speed the hardware gives drifts by tens of percent within minutes (a
+    neighbour on the same physical core); bracketing each step compares it with the speed of its own moment.
     """
     for _ in range(warmup):
         for run in contestants.values():
@@ -61,20 +64,23 @@ def interleaved(
     synchronize(device)
     seconds: dict[str, list[float]] = {name: [] for name in contestants}
     if ceiling:
-        seconds["ceiling_gflops"] = []
+        seconds.update({f"{name} ceiling": [] for name in contestants})
     for index in range(rounds):
-        # Alternate which contestant goes first, so neither always follows the ceiling's matmuls.
+        # Alternate which contestant goes first.
         order = list(contestants) if index % 2 == 0 else list(reversed(contestants))
         this_round = {}
+        before = matmul_gflops(device=device) if ceiling else 0.0
         for name in order:
             start = time.perf_counter()
             contestants[name]()
             synchronize(device)
             this_round[name] = time.perf_counter() - start
             seconds[name].append(this_round[name])
-        if ceiling:
-            this_round["ceiling_gflops"] = matmul_gflops(device=device)
-            seconds["ceiling_gflops"].append(this_round["ceiling_gflops"])
+            if ceiling:
+                after = matmul_gflops(device=device)
+                this_round[f"{name} ceiling"] = (before + after) / 2
+                seconds[f"{name} ceiling"].append(this_round[f"{name} ceiling"])
+                before = after
         if on_round is not None:
             on_round(index, this_round)
     return seconds
