@@ -59,23 +59,23 @@ def compare(style: str, args: argparse.Namespace) -> dict[str, float]:
         f"{peer_name} {first_losses[peer_name]:.4f}"
     )
     print(f"{'model':<18} {'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'ceiling':>8} {'% ceiling':>10}")
-    rows = {}
+    step_times, shares = {}, {}
     for name in steps:
         seconds, ceilings = timings[name], timings[f"{name} ceiling"]
-        rows[name] = step_time = median(seconds)
+        step_times[name] = step_time = median(seconds)
         gflops = flops / step_time / 1e9
         # Each step against the ceiling measured around it, then the median over the rounds.
-        share = median([flops / step / 1e9 / around for step, around in zip(seconds, ceilings, strict=True)])
+        shares[name] = median([flops / step / 1e9 / around for step, around in zip(seconds, ceilings, strict=True)])
         print(
             f"{name:<18} {step_time:>8.3f} {tokens / step_time:>10.0f} {gflops:>9.1f} {median(ceilings):>8.1f} "
-            f"{100 * share:>9.1f}%"
+            f"{100 * shares[name]:>9.1f}%"
         )
-        if name == "MiniGPT":
-            our_share = share
-    ratio = rows[peer_name] / rows["MiniGPT"]
-    print(f"speed-up MiniGPT / {peer_name}: {ratio:.2f}x   (MiniGPT at {100 * our_share:.1f}% of the matmul ceiling)")
+    ratio = step_times[peer_name] / step_times["MiniGPT"]
+    print(
+        f"speed-up MiniGPT / {peer_name}: {ratio:.2f}x   (MiniGPT at {100 * shares['MiniGPT']:.1f}% of the matmul ceiling)"
+    )
     del ours, peer, steps
-    return {"ratio": ratio, "share": our_share}
+    return {"ratio": ratio, "share": shares["MiniGPT"]}
 
 
 def main() -> None:

@@ -160,15 +160,20 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # Inference tensors (weights created under torch.inference_mode) have no version counter to watch.
     if not (wide and is_decoding_step(x) and is_plain_linear(layer) and not layer.weight.is_inference()):
         return layer(x)
+    if x.numel() == x.shape[-1]:
+        return one_row_projection(x, layer)
     rows = x.reshape(-1, x.shape[-1])  # (B*T, in)
-    if len(rows) == 1:
-        weight_t, bias = column_major_copy(layer)
-        out = rows @ weight_t
-    else:
-        out, bias = (layer.weight @ rows.t()).t(), layer.bias
-    if bias is not None:
-        out = out + bias
+    out = (layer.weight @ rows.t()).t()
+    if layer.bias is not None:
+        out = out + layer.bias
     return out.view(*x.shape[:-1], layer.out_features)
+
+
+def stacked(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the layers' weights stacked along the outputs, (sum of outs, in); their stacked biases or None)."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    return weight, bias
 
 
 def column_major_copy(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,10 +184,18 @@ def column_major_copy(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | 
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
     cached = layers[0].__dict__.get("_column_major_copy")
     if cached is None or cached[0] != key:
-        weight_t = torch.cat([layer.weight for layer in layers]).t().contiguous()
-        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        cached = layers[0].__dict__["_column_major_copy"] = (key, (weight_t, bias))
+        weight, bias = stacked(layers)
+        cached = layers[0].__dict__["_column_major_copy"] = (key, (weight.t().contiguous(), bias))
     return cached[1]
+
+
+def one_row_projection(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """One row (..., in) through the layers' kept column-major copy: (..., sum of outs), each layer's outputs in turn."""
+    weight_t, bias = column_major_copy(*layers)
+    out = x.reshape(1, -1) @ weight_t
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight_t.shape[1])
 
 
 def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -198,19 +211,13 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
     if not (FAST_PATHS and biases_alike and is_plain_linear(*layers)):
         return tuple(project(layer, x) for layer in layers)
     if many_rows:
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        return F.linear(x, weight, bias).split(sizes, dim=-1)
+        return F.linear(x, *stacked(layers)).split(sizes, dim=-1)
     one_row = x.numel() == x.shape[-1]
     if one_row and is_decoding_step(x) and not any(layer.weight.is_inference() for layer in layers):
         # Decoding one sequence: one matmul per step instead of two or three (each call costs more in dispatch than
         # in math here), over a stacked column-major copy kept while the weights are unchanged. With several rows the
         # per-layer path is faster (measured: batch 8 lost 13%).
-        weight_t, bias = column_major_copy(*layers)
-        out = x.reshape(-1, x.shape[-1]) @ weight_t
-        if bias is not None:
-            out = out + bias
-        return out.view(*x.shape[:-1], sum(sizes)).split(sizes, dim=-1)
+        return one_row_projection(x, *layers).split(sizes, dim=-1)
     return tuple(project(layer, x) for layer in layers)
 
 
