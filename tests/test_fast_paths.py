@@ -268,9 +268,29 @@ def test_decoding_projection_equals_the_layer_and_follows_weight_updates(rows: i
             layer.weight.mul_(-2.0)
         with torch.inference_mode():
             torch.testing.assert_close(modeling.project(layer, x), layer(x), **CLOSE, msg=name)
-    assert ("_column_major_copy" in model.lm_head.__dict__) == (rows == 1)
+    assert ("_decoding_blocks" in model.lm_head.__dict__) == (rows == 1)
     model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
-    assert "_column_major_copy" not in model.lm_head.__dict__
+    assert "_decoding_blocks" not in model.lm_head.__dict__
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_one_row_projection_in_blocks_equals_the_layers(threads: int) -> None:
+    """A one-row decoding step multiplies by one column-major block of the stacked weights per thread (here 1 or 3,
+    the last block zero-padded: 1001 outputs); the result is the layers' outputs side by side."""
+    torch.manual_seed(0)
+    layers = (nn.Linear(48, 700), nn.Linear(48, 301))
+    x = torch.randn(1, 1, 48)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            fast = modeling.one_row_projection(x, *layers)
+    finally:
+        torch.set_num_threads(previous)
+    blocks, _ = modeling.decoding_blocks(*layers)
+    assert blocks.shape == (threads, 48, -(-1001 // threads))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast, torch.cat([layer(x) for layer in layers], dim=-1), **CLOSE)
 
 
 def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> None:
@@ -290,9 +310,9 @@ def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> N
                 assert modeling.is_decoding_step(x), name
                 for fast, layer in zip(modeling.project_together(x, *layers), layers, strict=True):
                     torch.testing.assert_close(fast, layer(x), **CLOSE, msg=f"{name} after {change}")
-        assert "_column_major_copy" in layers[0].__dict__, name
+        assert "_decoding_blocks" in layers[0].__dict__, name
     model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
-    assert "_column_major_copy" not in attention.q_proj.__dict__
+    assert "_decoding_blocks" not in attention.q_proj.__dict__
 
 
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
