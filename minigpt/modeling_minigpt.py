@@ -60,7 +60,8 @@ class MiniGPTRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = (hidden_states.shape[-1],)
         if FAST_PATHS and hidden_states.dtype == self.weight.dtype == torch.float32:
-            # One fused kernel for mean-square, rsqrt and the weight: a decoding step runs 13 of these per token.
+            # One call for mean-square, rsqrt and the weight (a decoding step runs 13 per token). On CPU PyTorch still
+            # composes it from ~6 small kernels, but it measured faster than the formula written out (29 vs 34 us).
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
         # float32 statistics keep bf16/fp16 training stable; rounded back before the weight, as transformers does.
         normed = F.rms_norm(hidden_states.float(), shape, eps=self.variance_epsilon)
