@@ -66,10 +66,17 @@ def train(args: argparse.Namespace) -> None:
     seq_len, batch = (64, 4) if args.tiny else (args.seq_len, args.batch)
     torch.manual_seed(0)
     ours = MiniGPTForCausalLM(config).to(args.device)
+    if args.bf16_weights:  # bf16 parameters, gradients and AdamW states: no autocast, no fp32 master weights
+        ours.to(torch.bfloat16)
     contestants = {"MiniGPT": ours}
     if not args.no_peer:
         contestants[PEER_NAMES["gpt2"]] = with_same_weights(ours, GPT2LMHeadModel, "gpt2")
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=args.device)
+    # An all-ones mask is what a padding-free batch looks like to transformers' masking: under torch.compile before
+    # torch 2.14 it becomes a full (B, 1, T, T) mask tensor, and SDPA cannot use its flash kernel.
+    attention_mask = torch.ones_like(input_ids) if args.mask_ones else None
+    # use_cache as given, or each model's default (transformers' models build a KV cache in training, MiniGPT not)
+    cache_choice = {"use_cache": args.use_cache == "on"} if args.use_cache != "default" else {}
     # 6 N + 12 L C T FLOPs per token (PaLM / nanoGPT), N = matmul weights including the LM head; padded vocabulary
     # rows are not counted (they are wasted work, not useful FLOPs).
     real = training_config(args.tiny)
@@ -80,7 +87,9 @@ def train(args: argparse.Namespace) -> None:
     print(
         f"training: MiniGPT {'tiny-gpt2' if args.tiny else 'gpt2 (GPT-2 124M)'} preset "
         f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M"
-        f" parameters, vocab {config.vocab_size}), batch {batch} x {seq_len}, bf16 autocast, fused AdamW, sdpa, "
+        f" parameters, vocab {config.vocab_size}), batch {batch} x {seq_len}, "
+        f"{'bf16 weights' if args.bf16_weights else 'bf16 autocast'}, fused AdamW, sdpa ({sdpa_backends()})"
+        f"{', all-ones attention mask' if args.mask_ones else ''}{f', use_cache {args.use_cache}' if args.use_cache != 'default' else ''}, "
         f"{'eager' if args.no_compile else 'torch.compile mode ' + (args.compile_mode or 'default')}, peak {args.peak_tflops:.0f} TFLOP/s"
     )
     for name, model in contestants.items():
@@ -89,8 +98,10 @@ def train(args: argparse.Namespace) -> None:
         forward = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
 
         def step(forward: nn.Module = forward, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            with torch.autocast(device_type=args.device, dtype=torch.bfloat16):
-                loss = forward(input_ids=input_ids, labels=input_ids).loss
+            with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=not args.bf16_weights):
+                loss = forward(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, **cache_choice
+                ).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -108,10 +119,60 @@ def train(args: argparse.Namespace) -> None:
             f"MFU {100 * achieved_tflops / args.peak_tflops:5.1f}%  ({100 * achieved_tflops / ceiling:.0f}% of the "
             f"measured ceiling; warm-up incl. compile {warmup_seconds:.0f} s)"
         )
+        if args.profile:
+            print_kernel_profile(step, args.device, steps=3, top=args.top)
         del optimizer, forward
         model.to("cpu")  # free the device for the next contestant
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def sdpa_backends() -> str:
+    """The SDPA backends enabled (PyTorch picks the first of flash, memory-efficient, cuDNN, math that fits)."""
+    enabled = {
+        "flash": torch.backends.cuda.flash_sdp_enabled(),
+        "memory-efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        "cuDNN": torch.backends.cuda.cudnn_sdp_enabled(),
+        "math": torch.backends.cuda.math_sdp_enabled(),
+    }
+    return "/".join(name for name, on in enabled.items() if on)
+
+
+KERNEL_KINDS = {  # first match wins: attention kernels' names can also contain "sm90" or "gemm"
+    "attention": ("flash", "fmha", "attention", "sdpa", "attn"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "addmm", "mm"),
+    "optimizer": ("adam", "multi_tensor"),
+    "compiled (Triton) fused": ("triton",),
+}
+
+
+def print_kernel_profile(step: Callable[[], None], device: str, steps: int, top: int) -> None:
+    """Where a step's device time goes: kernel time by kind and the top kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == on_gpu]
+    time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in events if time_of(e) > 0), key=time_of, reverse=True)
+    total_ms = sum(time_of(e) for e in events) / 1e3 / steps
+    by_kind: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name for m in marks)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + time_of(e) / 1e3 / steps
+    print(f"    profile: {wall_ms:.1f} ms per step (profiled), {'kernels' if on_gpu else 'ops'} {total_ms:.1f} ms")
+    for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
+        print(f"      {kind:<26} {ms:8.2f} ms  {100 * ms / total_ms:5.1f}%")
+    for e in events[:top]:
+        print(f"      {time_of(e) / 1e3 / steps:8.2f} ms  x{e.count // steps:<4} {e.key[:110]}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,6 +265,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--pad-vocab-to", type=int, default=1, help="training: round the vocabulary up (64: 50304)")
+    parser.add_argument("--bf16-weights", action="store_true", help="training: bf16 parameters instead of autocast")
+    parser.add_argument(
+        "--mask-ones", action="store_true", help="training: pass an all-ones attention_mask (transformers' mask route)"
+    )
+    parser.add_argument(
+        "--sdpa-backend",
+        choices=("default", "cudnn", "flash"),
+        default="default",
+        help="training: restrict SDPA to cuDNN's or the flash kernel (math stays as the fallback)",
+    )
+    parser.add_argument("--profile", action="store_true", help="training: print where a step's kernel time goes")
+    parser.add_argument("--top", type=int, default=14, help="training: kernels listed by --profile")
+    parser.add_argument(
+        "--use-cache",
+        choices=("default", "on", "off"),
+        default="default",
+        help="training: pass use_cache=True/False (off: as Trainer runs); default: each model's own default",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps (the first compiles)")
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -219,6 +298,10 @@ def main() -> None:
         configure_cpu(torch.get_num_threads())
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast use tensor cores too
+    if args.sdpa_backend != "default":
+        torch.backends.cuda.enable_flash_sdp(args.sdpa_backend == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa_backend == "cudnn")
     print(f"[{args.step}] {machine_description(args.device)}")
     {"train": train, "generate": generate, "save-model": save_model, "vllm": serve_with_vllm}[args.step](args)
 

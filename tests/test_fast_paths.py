@@ -1,9 +1,10 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
 Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
-fused tanh-GELU, and the decoding projections (CPU generation). Each test runs the same model with `FAST_PATHS` on and
-off (`plain`), or against transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares
-with `assert_close`.
+fused tanh-GELU, the decoding projections (CPU generation), causal attention without a mask tensor, and no KV cache
+in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the
+same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with
+`assert_close`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from transformers import masking_utils
 
 from minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from minigpt import modeling_minigpt as modeling
@@ -63,6 +65,48 @@ def assert_same_training_step(fast: tuple, slow: tuple) -> None:
     assert fast_grads.keys() == slow_grads.keys()
     for name in fast_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], **CLOSE, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("preset", STYLES)
+def test_plain_causal_pass_gives_sdpa_no_mask_and_the_same_numbers(
+    preset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No padding mask, no cache: SDPA gets is_causal and no mask tensor (its flash kernel), even where transformers'
+    masking builds a full mask (under torch.compile before torch 2.14, simulated here); the numbers equal the masked
+    route's."""
+    model = random_model(preset, attn_implementation="sdpa")
+    input_ids, labels = training_batch()
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return real_sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(masking_utils, "is_torchdynamo_exporting", lambda: True)  # what dynamo saw before torch 2.14
+    no_mask = loss_logits_grads(model, input_ids=input_ids, labels=labels)
+    assert calls == [(True, True)] * model.config.num_hidden_layers
+    calls.clear()
+    all_ones = torch.ones_like(input_ids)
+    masked = loss_logits_grads(model, input_ids=input_ids, labels=labels, attention_mask=all_ones)
+    assert calls == [(False, False)] * model.config.num_hidden_layers  # the all-ones mask became a causal mask tensor
+    assert_same_training_step(no_mask, masked)
+
+
+def test_training_forward_builds_no_cache_unless_asked() -> None:
+    """A training forward returns no KV cache by default (transformers' models build one), with the same numbers as
+    when asked for one; eval, no-grad and explicit use_cache=True forwards keep theirs."""
+    model = random_model("tiny-qwen")
+    input_ids, labels = training_batch()
+    default = model.train()(input_ids=input_ids, labels=labels)
+    asked = model(input_ids=input_ids, labels=labels, use_cache=True)
+    assert default.cache is None and asked.cache.get_seq_length() == input_ids.shape[1]
+    torch.testing.assert_close(default.loss, asked.loss, rtol=0, atol=0)
+    torch.testing.assert_close(default.logits, asked.logits, rtol=0, atol=0)
+    with torch.no_grad():
+        assert model(input_ids=input_ids).cache is not None
+    assert model.eval()(input_ids=input_ids).cache is not None
 
 
 # --------------------------------------------------------------------------------------------------------------------
