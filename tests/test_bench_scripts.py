@@ -62,4 +62,4 @@ def test_generate_bench_produces_identical_tokens() -> None:
 def test_gpu_script_runs_every_step_on_cpu_with_tiny_shapes() -> None:
     out = run_bench("bash", "bench/gpu.sh", "--device", "cpu", "--tiny", timeout=600)  # ~2 minutes: torch.compile
     assert "FAILED" not in out, out
-    assert out.count("--- done") == 3, out  # training, training at MFU settings, generation
+    assert out.count("--- done") == 4, out  # training: side by side, MFU settings, bf16 weights; generation
