@@ -71,7 +71,7 @@ def assert_same_training_step(fast: tuple, slow: tuple) -> None:
 def test_plain_causal_pass_gives_sdpa_no_mask_and_the_same_numbers(
     preset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No padding mask, no cache: SDPA gets is_causal and no mask tensor (its flash kernel), even where transformers'
+    """No padding mask, no cache: SDPA gets is_causal and no mask tensor (its causal kernels), even where transformers'
     masking builds a full mask (under torch.compile before torch 2.14, simulated here); the numbers equal the masked
     route's."""
     model = random_model(preset, attn_implementation="sdpa")
