@@ -63,3 +63,14 @@ def test_gpu_script_runs_every_step_on_cpu_with_tiny_shapes() -> None:
     out = run_bench("bash", "bench/gpu.sh", "--device", "cpu", "--tiny", timeout=600)  # ~2 minutes: torch.compile
     assert "FAILED" not in out, out
     assert out.count("--- done") == 4, out  # training: side by side, MFU settings, bf16 weights; generation
+
+
+@pytest.mark.slow
+def test_gpu_variants_script_runs_every_variant_on_cpu() -> None:
+    flags = ("--device", "cpu", "--tiny", "--no-compile", "--steps", "1", "--warmup", "1")
+    out = run_bench("bash", "bench/gpu_variants.sh", *flags, timeout=900)  # ~4 minutes: 7 processes
+    assert "FAILED" not in out, out
+    assert out.count("===") == 7, out
+    assert len(re.findall(r"^  MiniGPT +\d+ tokens/s", out, re.M)) == 7, out
+    assert len(re.findall(r"^  GPT2LMHeadModel +\d+ tokens/s", out, re.M)) == 2, out  # the two side-by-side variants
+    assert out.count("profile:") == 5, out  # the five MiniGPT-only variants print where the time goes
