@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
@@ -730,5 +731,10 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         )
         return loss, logits.view(*hidden_states.shape[:-1], -1)
 
+
+# transformers knows causal LMs by class name from this table: Trainer shifts labels for label smoothing only for the
+# models in it (any other learns to predict each position's own token), and pipeline() and `transformers serve` read it
+# too. Added here, not only in the package, so that a model loaded with trust_remote_code is known as well.
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MiniGPTConfig.model_type, MiniGPTForCausalLM.__name__)
 
 __all__ = ["MiniGPTForCausalLM", "MiniGPTModel", "MiniGPTPreTrainedModel"]

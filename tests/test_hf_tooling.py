@@ -66,6 +66,32 @@ def test_trainer_trains_20_steps_and_the_loss_falls(preset: str, tmp_path: Path)
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0
 
 
+def test_trainer_label_smoothing_shifts_labels_as_for_transformers_own_models(tmp_path: Path) -> None:
+    """Trainer's label smoother shifts labels only for the causal LMs transformers knows by class name; unknown, it
+    would train each position to predict its own token. MiniGPT's loss must equal Qwen2ForCausalLM's, same weights."""
+    from transformers import Qwen2ForCausalLM
+
+    from minigpt.convert import to_native
+
+    ours = random_model("tiny-qwen")
+    native = to_native(ours)
+    assert isinstance(native, Qwen2ForCausalLM)
+    batch = counting_dataset(rows=4)[:]
+    inputs = {key: torch.tensor(value) for key, value in batch.items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to="none", disable_tqdm=True
+    )
+    losses = {}
+    for name, model in (("MiniGPT", ours), ("Qwen2ForCausalLM", native)):
+        trainer = Trainer(model=model.train(), args=args)
+        with torch.no_grad():
+            losses[name] = trainer.compute_loss(model, dict(inputs)).item()
+    assert losses["MiniGPT"] == pytest.approx(losses["Qwen2ForCausalLM"], rel=1e-5), losses
+    with torch.no_grad():
+        unsmoothed = ours(**inputs).loss.item()
+    assert abs(losses["MiniGPT"] - unsmoothed) < 0.1  # the same next-token task, a little smoothed (unshifted: 3.82)
+
+
 # Fresh interpreter outside the repository, minigpt blocked: the base model comes from the copied modeling files.
 LORA_CHILD = r"""
 import sys
