@@ -37,6 +37,7 @@ class Plan:
     sft_steps: int
     sft_batch: int
     sft_lr: float
+    sft_neftune_alpha: float  # noise on the input embeddings during SFT (NEFTune); 0: off
     questions_per_language: int  # held-out questions asked (a seeded sample)
     min_accuracy: float  # the bar each language's accuracy is expected to clear
 
@@ -53,6 +54,7 @@ DEFAULT = Plan(
     sft_steps=120,
     sft_batch=32,
     sft_lr=1e-3,
+    sft_neftune_alpha=8.0,  # held-out accuracy up on all three measured seeds (README)
     questions_per_language=125,  # all of them: 25 people x 4 + 5 places x 2 + 5 things x 3
     min_accuracy=0.8,
 )
@@ -69,6 +71,7 @@ TINY = Plan(
     sft_steps=150,
     sft_batch=16,
     sft_lr=1e-3,
+    sft_neftune_alpha=0.0,
     questions_per_language=40,
     min_accuracy=0.1,  # about three times chance: it has learned some held-out facts, not most
 )
@@ -181,7 +184,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     )
     seconds["pretrain"] = round(time.monotonic() - clock, 1)
 
-    # 4. SFT on questions about the other half, with pretraining text in half of the rows.
+    # 4. SFT on questions about the other half, with pretraining text in half of the rows (and NEFTune's noise).
     clock = time.monotonic()
     sft = _stage(
         "sft",
@@ -190,6 +193,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
             *["--mix-data", str(pretrain_file), "--mix-ratio", "0.5", "--mix-block-size", "64"],
             *["--max-length", str(plan.block_size), "--max-steps", str(plan.sft_steps)],
             *["--batch-size", str(plan.sft_batch), "--lr", str(plan.sft_lr), "--warmup", "0.1"],
+            *["--neftune-alpha", str(plan.sft_neftune_alpha)],
             *common,
         ],
     )

@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         mixing.add_argument(
             "--mix-block-size", type=int, default=None, help="tokens per --mix-data row; None: --max-length"
         )
+        parser.add_argument(
+            "--neftune-alpha",
+            type=float,
+            default=0.0,
+            help="NEFTune: noise on the input embeddings while fine-tuning (Trainer's neftune_noise_alpha; 0: off)",
+        )
 
     model = parser.add_argument_group("model")
     if command == "pretrain":
@@ -553,7 +559,8 @@ def training_arguments(args: argparse.Namespace, stage: Stage, precision: str, o
         from trl import DPOConfig
 
         return DPOConfig(**common, beta=args.beta, max_length=args.max_length, gradient_checkpointing=False)
-    return TrainingArguments(**common, label_names=["labels"])
+    neftune = getattr(args, "neftune_alpha", 0.0) or None  # sft only
+    return TrainingArguments(**common, label_names=["labels"], neftune_noise_alpha=neftune)
 
 
 def _tensorboard_callback(log_dir: Path) -> TrainerCallback:
