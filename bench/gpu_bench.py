@@ -73,7 +73,7 @@ def train(args: argparse.Namespace) -> None:
         contestants[PEER_NAMES["gpt2"]] = with_same_weights(ours, GPT2LMHeadModel, "gpt2")
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=args.device)
     # An all-ones mask is what a padding-free batch looks like to transformers' masking: under torch.compile before
-    # torch 2.14 it becomes a full (B, 1, T, T) mask tensor, and SDPA cannot use its flash kernel.
+    # torch 2.14 it becomes a full (B, 1, T, T) mask tensor, and SDPA's fused kernels work through all of T x T.
     attention_mask = torch.ones_like(input_ids) if args.mask_ones else None
     # use_cache as given, or each model's default (transformers' models build a KV cache in training, MiniGPT not)
     cache_choice = {"use_cache": args.use_cache == "on"} if args.use_cache != "default" else {}

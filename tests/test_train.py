@@ -144,29 +144,20 @@ def test_sft_on_alpaca_and_minimind_answers_after_reload_in_fresh_process(pretra
     assert answer["new_tokens"] >= 1
 
 
-def test_sft_neftune_alpha_noises_the_training_loss_and_leaves_the_saved_weights_clean(
-    pretrained, shared_data, tmp_path
-):
-    """--neftune-alpha is Trainer's NEFTune: noise on the input embeddings in training forwards only. Same seed and
-    data: the first training loss moves with it, and the saved model's forward is deterministic and hook-free."""
+def test_sft_neftune_alpha_noises_the_training_loss(pretrained, shared_data, tmp_path):
+    """--neftune-alpha reaches Trainer's NEFTune (noise on the input embeddings in training forwards): same seed and
+    data, and the first training loss moves with it."""
     base, _ = pretrained
     first_losses = {}
     for alpha in ("0", "5"):
-        out = tmp_path / f"alpha-{alpha}"
         facts = run_stage(
             "sft",
-            *["--model", str(base), "--out", str(out), "--max-length", "64", "--batch-size", "4", "--max-steps", "1"],
-            *["--data", str(shared_data / "minimind/lora_identity.jsonl"), "--neftune-alpha", alpha],
+            *["--model", str(base), "--out", str(tmp_path / f"alpha-{alpha}"), "--max-length", "64"],
+            *["--batch-size", "4", "--max-steps", "1", "--neftune-alpha", alpha],
+            *["--data", str(shared_data / "minimind/lora_identity.jsonl")],
         )
         first_losses[alpha] = facts["first_train_loss"]
     assert first_losses["0"] != first_losses["5"], first_losses
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "alpha-5").eval()
-    assert not model.get_input_embeddings()._forward_hooks  # NEFTune's hook is not saved with the model
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, model(ids).logits)
 
 
 def test_dpo_on_both_preference_files(pretrained, shared_data, tmp_path):
