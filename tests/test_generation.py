@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from minigpt import MiniGPTConfig, MiniGPTForCausalLM
@@ -132,3 +132,22 @@ def test_streamer_receives_the_prompt_then_each_new_token_in_order(preset: str) 
     assert streamer.ended
     assert torch.equal(torch.cat(streamer.pieces), sequences[0])
     assert [len(piece) for piece in streamer.pieces[1:]] == [1] * 12
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_accelerate_offloading_a_layer_to_disk_gives_the_same_tokens(rows: int, tmp_path) -> None:
+    """accelerate's big-model loading hooks every offloaded module and fetches its weights per call; MiniGPT's
+    decoding fast paths step aside for hooked layers (and keep no copy of weights meant to stay on disk)."""
+    ours, _ = model_pair("tiny-qwen")
+    ours.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu"}
+    device_map |= {"model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", trust_remote_code=True, device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really on disk
+    offloaded.generation_config.pad_token_id, offloaded.generation_config.eos_token_id = 0, None
+    assert torch.equal(
+        generate(offloaded, rows, do_sample=False).sequences, generate(ours, rows, do_sample=False).sequences
+    )
+    assert not any("_decoding_blocks" in module.__dict__ for module in offloaded.modules())
