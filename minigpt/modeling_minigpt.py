@@ -697,6 +697,11 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    def train(self, mode: bool = True) -> MiniGPTForCausalLM:
+        if not mode:  # eval(): the fused loss's kept (tokens x vocab) buffers, ~800 MB for GPT-2's vocabulary and 2k
+            self.__dict__.pop("_loss_buffers", None)  # tokens, are freed until training resumes
+        return super().train(mode)
+
     def forget_decoding_blocks(self) -> None:
         for module in self.modules():
             module.__dict__.pop("_decoding_blocks", None)

@@ -9,6 +9,8 @@ same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the s
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -276,6 +278,19 @@ def test_loss_buffers_are_reused_only_when_nothing_else_holds_them(monkeypatch: 
     retained.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, once[name], rtol=0, atol=0)
+
+
+def test_eval_mode_frees_the_kept_loss_buffers() -> None:
+    model = random_model("tiny-qwen").train()
+    input_ids, labels = training_batch()
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    kept = [weakref.ref(buffer.tensor) for buffer in model.__dict__["_loss_buffers"]]
+    model.eval()
+    gc.collect()
+    assert all(tensor() is None for tensor in kept)
+    model.train()
+    model(input_ids=input_ids, labels=labels).loss.backward()  # and training goes on with new ones
+    assert all(buffer.tensor is not None for buffer in model.__dict__["_loss_buffers"])
 
 
 def test_stacked_projections_step_aside_for_lora_layers(monkeypatch: pytest.MonkeyPatch) -> None:
