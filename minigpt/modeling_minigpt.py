@@ -19,6 +19,7 @@ Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, h
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,12 @@ from .configuration_minigpt import MiniGPTConfig
 # Fast paths compute the same numbers as the plain code with fewer passes over memory (see each one's comment).
 # Switch off to run the plain path, e.g. to compare the two in tests.
 FAST_PATHS = True
+
+# What the fast paths keep between calls lives beside the modules, not in them, so that a copy, a pickle or a
+# torch.save of the model never carries it; an entry goes with its module. Decoding copies of weights, by first layer:
+DECODING_BLOCKS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# The fused loss's kept (logits, gradient) buffers, by model:
+LOSS_BUFFERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 # --------------------------------------------------------------------------------------------------------------------
 # Normalisation
@@ -184,11 +191,11 @@ def decoding_blocks(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
     shape (parts, in, width), the last one zero-padded; their stacked biases or None). One block per thread, at least
     256 columns each.
 
-    Made on first use and kept on the first layer while every weight and bias is unchanged (same storage, same
+    Made on first use and kept (in DECODING_BLOCKS, by first layer) while every weight and bias is unchanged (same storage, same
     version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it again."""
     tensors = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-    cached = layers[0].__dict__.get("_decoding_blocks")
+    cached = DECODING_BLOCKS.get(layers[0])
     if cached is None or cached[0] != key:
         weight, bias = stacked(layers)
         outs, inputs = weight.shape
@@ -196,7 +203,7 @@ def decoding_blocks(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
         width = -(-outs // parts)
         blocks = weight.new_zeros(parts, width, inputs)
         blocks.view(parts * width, inputs)[:outs] = weight
-        cached = layers[0].__dict__["_decoding_blocks"] = (key, (blocks.transpose(1, 2).contiguous(), bias))
+        cached = DECODING_BLOCKS[layers[0]] = (key, (blocks.transpose(1, 2).contiguous(), bias))
     return cached[1]
 
 
@@ -699,12 +706,12 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
 
     def train(self, mode: bool = True) -> MiniGPTForCausalLM:
         if not mode:  # eval(): the fused loss's kept (tokens x vocab) buffers, ~800 MB for GPT-2's vocabulary and 2k
-            self.__dict__.pop("_loss_buffers", None)  # tokens, are freed until training resumes
+            LOSS_BUFFERS.pop(self, None)  # tokens, are freed until training resumes
         return super().train(mode)
 
     def forget_decoding_blocks(self) -> None:
         for module in self.modules():
-            module.__dict__.pop("_decoding_blocks", None)
+            DECODING_BLOCKS.pop(module, None)
 
     def _can_fuse_head_and_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
         """The fused head + loss serves float32 CPU training with the standard loss; all else takes the plain path
@@ -737,7 +744,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         targets = next_token_targets(labels.to(hidden_states.device), ignore_index, shift_labels)
         # Mean over tokens with a target, or the sum over `num_items_in_batch` when the Trainer counts across a batch.
         divisor = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
-        buffers = self.__dict__.setdefault("_loss_buffers", (KeptBuffer(), KeptBuffer()))  # logits, gradient
+        buffers = LOSS_BUFFERS.setdefault(self, (KeptBuffer(), KeptBuffer()))  # logits, gradient
         loss, logits = LMHeadCrossEntropy.apply(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             self.lm_head.weight,

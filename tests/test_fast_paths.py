@@ -10,8 +10,10 @@ same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the s
 from __future__ import annotations
 
 import gc
+import io
 import weakref
 from collections.abc import Callable
+from copy import deepcopy
 
 import pytest
 import torch
@@ -239,7 +241,7 @@ def test_loss_buffers_are_reused_only_when_nothing_else_holds_them(monkeypatch: 
     other_ids = input_ids.flip(0)
 
     def kept_memory() -> tuple[int, int]:
-        return tuple(buffer.tensor.data_ptr() for buffer in model.__dict__["_loss_buffers"])  # logits, gradient
+        return tuple(buffer.tensor.data_ptr() for buffer in modeling.LOSS_BUFFERS[model])  # logits, gradient
 
     memory = []
     for _ in range(2):
@@ -284,13 +286,29 @@ def test_eval_mode_frees_the_kept_loss_buffers() -> None:
     model = random_model("tiny-qwen").train()
     input_ids, labels = training_batch()
     model(input_ids=input_ids, labels=labels).loss.backward()
-    kept = [weakref.ref(buffer.tensor) for buffer in model.__dict__["_loss_buffers"]]
+    kept = [weakref.ref(buffer.tensor) for buffer in modeling.LOSS_BUFFERS[model]]
     model.eval()
     gc.collect()
     assert all(tensor() is None for tensor in kept)
     model.train()
     model(input_ids=input_ids, labels=labels).loss.backward()  # and training goes on with new ones
-    assert all(buffer.tensor is not None for buffer in model.__dict__["_loss_buffers"])
+    assert all(buffer.tensor is not None for buffer in modeling.LOSS_BUFFERS[model])
+
+
+def test_copies_and_pickles_of_a_used_model_carry_no_kept_buffers_or_weight_copies() -> None:
+    model = random_model("tiny-qwen").train()
+    input_ids, labels = training_batch()
+    model(input_ids=input_ids, labels=labels).loss.backward()  # the fused loss keeps its buffers
+    with torch.no_grad():
+        model.generate(input_ids[:1], max_new_tokens=3, do_sample=False)  # one row: decoding copies of the weights
+    assert model in modeling.LOSS_BUFFERS and model.lm_head in modeling.DECODING_BLOCKS
+    copy = deepcopy(model)
+    assert copy not in modeling.LOSS_BUFFERS
+    assert not any(module in modeling.DECODING_BLOCKS for module in copy.modules())
+    whole, weights = io.BytesIO(), io.BytesIO()
+    torch.save(model, whole)
+    torch.save(model.state_dict(), weights)
+    assert whole.tell() < weights.tell() + 100_000  # the weights and the module structure, nothing the size of a copy
 
 
 def test_stacked_projections_step_aside_for_lora_layers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,9 +361,9 @@ def test_decoding_projection_equals_the_layer_and_follows_weight_updates(rows: i
             layer.weight.mul_(-2.0)
         with torch.inference_mode():
             torch.testing.assert_close(modeling.project(layer, x), layer(x), **CLOSE, msg=name)
-    assert ("_decoding_blocks" in model.lm_head.__dict__) == (rows == 1)
+    assert (model.lm_head in modeling.DECODING_BLOCKS) == (rows == 1)
     model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
-    assert "_decoding_blocks" not in model.lm_head.__dict__
+    assert model.lm_head not in modeling.DECODING_BLOCKS
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -385,9 +403,9 @@ def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> N
                 assert modeling.is_decoding_step(x), name
                 for fast, layer in zip(modeling.project_together(x, *layers), layers, strict=True):
                     torch.testing.assert_close(fast, layer(x), **CLOSE, msg=f"{name} after {change}")
-        assert "_decoding_blocks" in layers[0].__dict__, name
+        assert layers[0] in modeling.DECODING_BLOCKS, name
     model.train()(input_ids=torch.tensor([[1, 2, 3]]))  # a training forward frees the decoding copies
-    assert "_decoding_blocks" not in attention.q_proj.__dict__
+    assert attention.q_proj not in modeling.DECODING_BLOCKS
 
 
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
