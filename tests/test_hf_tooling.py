@@ -1,5 +1,5 @@
 """The standard Hugging Face tooling works on MiniGPT unchanged: Trainer, peft LoRA (saved, reloaded onto a remote-code
-base in a fresh interpreter, merged), and pipeline("text-generation")."""
+base in a fresh interpreter, merged), pipeline("text-generation") and TRL's GRPOTrainer."""
 
 from __future__ import annotations
 
@@ -184,3 +184,71 @@ def test_text_generation_pipeline_loads_a_saved_model_and_generates(tmp_path: Pa
     tokens = model.generate(**encoded, max_new_tokens=8, do_sample=False)
     assert text == tokenizer.decode(tokens[0], skip_special_tokens=True)
     assert text.startswith("the cat") and len(tokens[0]) > encoded["input_ids"].shape[1]
+
+
+def test_trl_grpo_trains_minigpt_as_it_trains_qwen2(tmp_path: Path) -> None:
+    """TRL's GRPOTrainer samples completions with generate(), scores them with a reward function and runs the backbone
+    (`base_model`) under its own tiled LM head: the first step's completions, loss and entropy equal those of
+    Qwen2ForCausalLM carrying the same weights, and training changes every parameter."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from minigpt.convert import to_native
+    from minigpt.tokenization import build_tokenizer_from_texts
+
+    texts = ["the cat sat on the mat", "a dog ran in the park", "猫坐在垫子上", "狗在公园里跑"] * 20
+    tokenizer = build_tokenizer_from_texts(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = MiniGPTConfig.from_preset(
+        "tiny-qwen",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    ours = MiniGPTForCausalLM(config)
+    for name, model in (("minigpt", ours), ("qwen2", to_native(ours))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in texts[:8]])
+    seen: dict[str, list[list[str]]] = {}
+
+    def reward(completions, **_) -> list[float]:  # mentions of "cat", shorter is better
+        seen[current].append([completion[0]["content"] for completion in completions])
+        return [float("cat" in text[0]["content"]) - 0.01 * len(text[0]["content"]) for text in completions]
+
+    first_steps = {}
+    for current in ("minigpt", "qwen2"):
+        seen[current] = []
+        args = GRPOConfig(
+            output_dir=str(tmp_path / f"out-{current}"),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=2,
+            learning_rate=1e-2,
+            beta=0.04,
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=str(tmp_path / current),
+            reward_funcs=reward,
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+        )
+        before = {name: parameter.detach().clone() for name, parameter in trainer.model.named_parameters()}
+        trainer.train()
+        first_steps[current] = trainer.state.log_history[0]
+        if current == "minigpt":
+            assert type(trainer.model) is MiniGPTForCausalLM
+            assert all(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+    assert seen["minigpt"][0] == seen["qwen2"][0]
+    for metric in ("loss", "reward", "entropy"):
+        assert first_steps["minigpt"][metric] == pytest.approx(first_steps["qwen2"][metric], rel=1e-5, abs=1e-7), metric
+    # Gradients agree to float32 rounding before clipping (measured: 3e-5 relative)
+    assert first_steps["minigpt"]["grad_norm"] == pytest.approx(first_steps["qwen2"]["grad_norm"], rel=1e-3)
