@@ -39,6 +39,10 @@ def counting_dataset(rows: int = 64, length: int = 32) -> Dataset:
     return Dataset.from_dict({"input_ids": sequences, "labels": sequences})
 
 
+# Trainer settings every run here shares: CPU, a log line per step, no checkpoints, no reporting, seeded.
+QUIET_CPU_RUN = dict(logging_steps=1, save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True, seed=0)
+
+
 def train(model: torch.nn.Module, out_dir: Path, steps: int, learning_rate: float) -> list[float]:
     """Plain transformers Trainer on CPU; returns the loss logged at every step."""
     args = TrainingArguments(
@@ -46,12 +50,7 @@ def train(model: torch.nn.Module, out_dir: Path, steps: int, learning_rate: floa
         max_steps=steps,
         per_device_train_batch_size=8,
         learning_rate=learning_rate,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
+        **QUIET_CPU_RUN,
     )
     trainer = Trainer(model=model, args=args, train_dataset=counting_dataset())
     trainer.train()
@@ -227,12 +226,7 @@ def test_trl_grpo_trains_minigpt_as_it_trains_qwen2(tmp_path: Path) -> None:
             max_steps=2,
             learning_rate=1e-2,
             beta=0.04,
-            logging_steps=1,
-            save_strategy="no",
-            use_cpu=True,
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
+            **QUIET_CPU_RUN,
         )
         trainer = GRPOTrainer(
             model=str(tmp_path / current),
