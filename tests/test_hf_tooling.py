@@ -1,5 +1,5 @@
 """The standard Hugging Face tooling works on MiniGPT unchanged: Trainer, peft LoRA (saved, reloaded onto a remote-code
-base in a fresh interpreter, merged), pipeline("text-generation") and TRL's GRPOTrainer."""
+base in a fresh interpreter, merged), pipeline("text-generation"), and TRL's SFTTrainer and GRPOTrainer."""
 
 from __future__ import annotations
 
@@ -185,17 +185,16 @@ def test_text_generation_pipeline_loads_a_saved_model_and_generates(tmp_path: Pa
     assert text.startswith("the cat") and len(tokens[0]) > encoded["input_ids"].shape[1]
 
 
-def test_trl_grpo_trains_minigpt_as_it_trains_qwen2(tmp_path: Path) -> None:
-    """TRL's GRPOTrainer samples completions with generate(), scores them with a reward function and runs the backbone
-    (`base_model`) under its own tiled LM head: the first step's completions, loss and entropy equal those of
-    Qwen2ForCausalLM carrying the same weights, and training changes every parameter."""
-    from trl import GRPOConfig, GRPOTrainer
+CHAT_TEXTS = ["the cat sat on the mat", "a dog ran in the park", "猫坐在垫子上", "狗在公园里跑"] * 20
 
+
+def save_minigpt_and_qwen2(tmp_path: Path) -> None:
+    """A tiny Qwen-style MiniGPT with a tokenizer trained on CHAT_TEXTS, saved as tmp_path/"minigpt", and the same
+    weights as transformers' Qwen2ForCausalLM in tmp_path/"qwen2"."""
     from minigpt.convert import to_native
     from minigpt.tokenization import build_tokenizer_from_texts
 
-    texts = ["the cat sat on the mat", "a dog ran in the park", "猫坐在垫子上", "狗在公园里跑"] * 20
-    tokenizer = build_tokenizer_from_texts(texts, vocab_size=300)
+    tokenizer = build_tokenizer_from_texts(CHAT_TEXTS, vocab_size=300)
     torch.manual_seed(0)
     config = MiniGPTConfig.from_preset(
         "tiny-qwen",
@@ -208,6 +207,53 @@ def test_trl_grpo_trains_minigpt_as_it_trains_qwen2(tmp_path: Path) -> None:
     for name, model in (("minigpt", ours), ("qwen2", to_native(ours))):
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_sft_trains_minigpt_as_it_trains_qwen2(packing: bool, tmp_path: Path) -> None:
+    """TRL's SFTTrainer on chat messages, loss on the assistant replies only, with or without packing: the loss of
+    every step equals Qwen2ForCausalLM's with the same weights (MiniGPT runs its fused LM head + loss here)."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    save_minigpt_and_qwen2(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "minigpt")
+    conversations = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]} for t in CHAT_TEXTS]
+    )
+    losses = {}
+    for name in ("minigpt", "qwen2"):
+        args = SFTConfig(
+            output_dir=str(tmp_path / f"out-{name}"),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            optim="sgd",  # Adam's first steps move each weight by about +-lr whatever the gradient's size, so
+            learning_rate=0.1,  # float32 rounding in near-zero gradients would show as loss differences
+            assistant_only_loss=True,
+            packing=packing,
+            **QUIET_CPU_RUN,
+        )
+        trainer = SFTTrainer(
+            model=str(tmp_path / name), args=args, train_dataset=conversations, processing_class=tokenizer
+        )
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["minigpt"]) == 3
+    # Equal without packing; with it, up to 3.4e-5 relative by the third step (float32 rounding: the first step's
+    # loss differed by 2.7e-6 and the backbones' hidden states by 0.0 when run alone).
+    assert losses["minigpt"] == pytest.approx(losses["qwen2"], rel=1e-4)
+
+
+def test_trl_grpo_trains_minigpt_as_it_trains_qwen2(tmp_path: Path) -> None:
+    """TRL's GRPOTrainer samples completions with generate(), scores them with a reward function and runs the backbone
+    (`base_model`) under its own tiled LM head: the first step's completions, loss and entropy equal those of
+    Qwen2ForCausalLM carrying the same weights, and training changes every parameter."""
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    save_minigpt_and_qwen2(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "minigpt")
+    texts = CHAT_TEXTS
     prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in texts[:8]])
     seen: dict[str, list[list[str]]] = {}
 
