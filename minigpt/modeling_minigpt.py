@@ -191,8 +191,8 @@ def decoding_blocks(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
     shape (parts, in, width), the last one zero-padded; their stacked biases or None). One block per thread, at least
     256 columns each.
 
-    Made on first use and kept (in DECODING_BLOCKS, by first layer) while every weight and bias is unchanged (same storage, same
-    version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it again."""
+    Made on first use and kept (in DECODING_BLOCKS, by first layer) while every weight and bias is unchanged (same
+    storage, same version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it."""
     tensors = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
     cached = DECODING_BLOCKS.get(layers[0])
