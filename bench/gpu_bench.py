@@ -90,18 +90,19 @@ def train(args: argparse.Namespace) -> None:
         f" parameters, vocab {config.vocab_size}), batch {batch} x {seq_len}, "
         f"{'bf16 weights' if args.bf16_weights else 'bf16 autocast'}, fused AdamW, sdpa ({sdpa_backends()})"
         f"{', all-ones attention mask' if args.mask_ones else ''}{f', use_cache {args.use_cache}' if args.use_cache != 'default' else ''}, "
-        f"{'eager' if args.no_compile else 'torch.compile mode ' + (args.compile_mode or 'default')}, peak {args.peak_tflops:.0f} TFLOP/s"
+        f"{'eager' if args.no_compile else 'torch.compile mode ' + (args.compile_mode or 'default')}"
+        f"{' (loss only)' if args.compile_target == 'loss' and not args.no_compile else ''}, peak {args.peak_tflops:.0f} TFLOP/s"
     )
     for name, model in contestants.items():
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-        forward = model if args.no_compile else torch.compile(model, mode=args.compile_mode)
+        forward_loss = training_loss(model, args)
 
-        def step(forward: nn.Module = forward, optimizer: torch.optim.Optimizer = optimizer) -> None:
+        def step(forward_loss: Callable = forward_loss, optimizer: torch.optim.Optimizer = optimizer) -> None:
             with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=not args.bf16_weights):
-                loss = forward(
+                loss = forward_loss(
                     input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, **cache_choice
-                ).loss
+                )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -121,10 +122,23 @@ def train(args: argparse.Namespace) -> None:
         )
         if args.profile:
             print_kernel_profile(step, args.device, steps=3, top=args.top)
-        del optimizer, forward
+        del optimizer, forward_loss
         model.to("cpu")  # free the device for the next contestant
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def training_loss(model: nn.Module, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """model(**inputs).loss, eager or compiled. `--compile-target model` compiles the module, as Trainer does;
+    `loss` compiles a function that returns only the loss. The compiled module also returns the logits, and when
+    nothing differentiates them autograd hands its backward a zero-filled (B, T, vocab) gradient for them (seen on CPU:
+    one (4, 64, 5003) zero_ per step, absent when only the loss leaves the graph)."""
+    if args.no_compile:
+        return lambda **inputs: model(**inputs).loss
+    if args.compile_target == "loss":
+        return torch.compile(lambda **inputs: model(**inputs).loss, mode=args.compile_mode)
+    compiled = torch.compile(model, mode=args.compile_mode)
+    return lambda **inputs: compiled(**inputs).loss
 
 
 def sdpa_backends() -> str:
@@ -261,6 +275,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the script itself in seconds")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-mode", default=None, help="training: torch.compile mode (e.g. max-autotune)")
+    parser.add_argument(
+        "--compile-target",
+        choices=["model", "loss"],
+        default="model",
+        help="training: compile the module (as Trainer does) or a function returning only the loss",
+    )
     parser.add_argument("--no-peer", action="store_true", help="training: skip transformers' GPT2LMHeadModel")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
