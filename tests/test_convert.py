@@ -59,14 +59,18 @@ NATIVE_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
 }
 
 
-def random_native(name: str) -> PreTrainedModel:
-    torch.manual_seed(0)
-    model = NATIVE_MODELS[name]().eval()
-    # Norm weights start at exactly 1 (and biases at 0); randomise them so a swapped or dropped norm would show.
+def randomise_norms_and_biases(model: torch.nn.Module) -> None:
+    """Norm weights start at exactly 1 (and biases at 0); randomised, so a swapped or dropped one would show."""
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
             if "norm" in parameter_name or "ln_" in parameter_name or parameter_name.endswith("bias"):
                 parameter.add_(0.1 * torch.randn_like(parameter))
+
+
+def random_native(name: str) -> PreTrainedModel:
+    torch.manual_seed(0)
+    model = NATIVE_MODELS[name]().eval()
+    randomise_norms_and_biases(model)
     return model
 
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from test_convert import randomise_norms_and_biases
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
@@ -29,10 +30,7 @@ def model_pair(preset: str) -> tuple[MiniGPTForCausalLM, PreTrainedModel]:
     torch.manual_seed(0)
     config = MiniGPTConfig.from_preset(preset, vocab_size=VOCAB, pad_token_id=0, initializer_range=0.2)
     ours = MiniGPTForCausalLM(config).eval()
-    with torch.no_grad():  # norms start at exactly 1 and biases at 0: randomised, so a dropped one would show
-        for name, parameter in ours.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                parameter.add_(0.1 * torch.randn_like(parameter))
+    randomise_norms_and_biases(ours)
     native = to_native(ours).eval()
     for model in (ours, native):
         model.generation_config.pad_token_id = 0
