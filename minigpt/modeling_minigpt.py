@@ -10,8 +10,8 @@ peft, TRL, vLLM and conversion scripts find the layers they expect. This file is
 `save_pretrained`; it imports only torch, transformers and (relatively) its config, so it loads with
 `trust_remote_code=True` where the `minigpt` package is not installed.
 
-Fast paths (stacked projections, decoding projections, fused GELU, fused LM head + loss) compute the same numbers as
-the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
+Fast paths (stacked projections, decoding projections, fused GELU, fused LM head + loss, kept training buffers)
+compute the same numbers as the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
 aside for what it does not cover (peft/LoRA layers, hooks, autocast, torch.compile); `FAST_PATHS = False` turns all off.
 
 Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, hs head size.
@@ -49,8 +49,9 @@ FAST_PATHS = True
 # What the fast paths keep between calls lives beside the modules, not in them, so that a copy, a pickle or a
 # torch.save of the model never carries it; an entry goes with its module. Decoding copies of weights, by first layer:
 DECODING_BLOCKS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-# The fused loss's kept (logits, exps) buffers, by model:
-LOSS_BUFFERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# Training buffers kept from step to step (KeptBuffer): the fused loss's (logits, exps) by model, the token
+# embedding's (weight gradient,) by embedding module. eval() frees them.
+KEPT_BUFFERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 # --------------------------------------------------------------------------------------------------------------------
 # Normalisation
@@ -428,6 +429,12 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": MiniGPTDecoderLayer, "attentions": MiniGPTAttention}
 
+    def train(self, mode: bool = True) -> MiniGPTPreTrainedModel:
+        if not mode:  # eval(): the training buffers kept by the fast paths (the fused loss's two tokens x vocab ones,
+            for module in self.modules():  # ~800 MB for GPT-2's vocabulary and 2k tokens) are freed until training
+                KEPT_BUFFERS.pop(module, None)  # resumes
+        return super().train(mode)
+
     def _init_weights(self, module: nn.Module) -> None:
         # `transformers.initialization` skips tensors already loaded by from_pretrained.
         std = self.config.initializer_range
@@ -446,6 +453,91 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MiniGPTRotaryEmbedding):
             # Non-persistent buffers come back uninitialised from from_pretrained's meta-device build.
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
+
+
+class KeptBuffer:
+    """A large tensor kept from one training step to the next, handed out again only while nothing else holds it.
+
+    On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
+    its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
+    vocab) tensor (measured here; a refill of kept memory took 23 ms). The token embedding's weight gradient (below)
+    and the fused loss's logits and their exps (LM head section) are kept this way. Whether the kept tensor is free is read from its memory's reference count: while logits the
+    caller kept (or any view of them) or a graph not yet backpropagated (or retained for another backward) still
+    holds it, the next step gets a fresh tensor and the holder keeps the old one untouched.
+    """
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.own_references = (0, 0)  # memory_references(tensor) while only this buffer holds it
+
+    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with `like`'s dtype and device: the kept one if it fits and is free."""
+        tensor = self.tensor
+        if tensor is not None and tensor.shape == shape and tensor.dtype == like.dtype and tensor.device == like.device:
+            references = memory_references(tensor)
+            if references is not None and references == self.own_references:
+                return tensor
+        self.tensor = None  # let go of the old one first (freed unless somebody still holds it)
+        self.tensor = like.new_empty(shape)
+        self.own_references = memory_references(self.tensor)
+        return self.tensor
+
+
+def memory_references(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(references to `tensor`'s memory, references to the tensor itself), None where torch cannot say.
+
+    The first counts views (kept logits, a slice of them); the second counts holders of the tensor object itself,
+    such as a graph that saved it for backward. Both counters are private to torch: without them nothing is reused.
+    """
+    storage_references = getattr(torch._C, "_storage_Use_Count", None)
+    if storage_references is None or not hasattr(tensor, "_use_count"):
+        return None
+    return storage_references(tensor.untyped_storage()._cdata), tensor._use_count()
+
+
+def embed_tokens(embedding: nn.Embedding, input_ids: torch.Tensor, tied_to_lm_head: bool) -> torch.Tensor:
+    """`embedding(input_ids)`; in CPU training of an embedding tied to the LM head, through EmbeddingKeptGradient."""
+    weight = embedding.weight
+    if not (
+        FAST_PATHS
+        and tied_to_lm_head
+        and torch.is_grad_enabled()
+        and weight.requires_grad
+        and weight.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and type(embedding) is nn.Embedding
+        and not (embedding._forward_hooks or embedding._forward_pre_hooks or "forward" in embedding.__dict__)
+        and not (embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None)
+    ):
+        return embedding(input_ids)
+    (buffer,) = KEPT_BUFFERS.setdefault(embedding, (KeptBuffer(),))
+    return EmbeddingKeptGradient.apply(input_ids, weight, embedding.padding_idx, buffer)
+
+
+class EmbeddingKeptGradient(torch.autograd.Function):
+    """F.embedding whose backward builds the dense (vocab x hidden) weight gradient in kept memory.
+
+    A lookup's gradient is zero but for the rows looked up, yet autograd takes it as a dense (V, C) tensor: 77 MB for
+    GPT-2's vocabulary at width 384, and on CPU a fresh one costs a page-faulting zero fill each step. With the
+    embedding tied to the LM head, the head's gradient reaches `.grad` first and autograd adds this one into it in
+    place, so the same memory is free to be zeroed and filled again next step (KeptBuffer). Measured side by side,
+    lookup backward plus accumulation for a (8, 256) batch: 46 ms fresh, 16 ms kept.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids, weight, padding_idx, buffer: KeptBuffer):
+        ctx.save_for_backward(input_ids)
+        ctx.weight_shape, ctx.padding_idx, ctx.buffer = weight.shape, padding_idx, buffer
+        return F.embedding(input_ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input_ids,) = ctx.saved_tensors
+        grad_weight = ctx.buffer.get(tuple(ctx.weight_shape), grad_output).zero_()
+        grad_weight.index_add_(0, input_ids.reshape(-1), grad_output.reshape(-1, grad_output.shape[-1]))
+        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            grad_weight[ctx.padding_idx] = 0
+        return None, grad_weight, None, None
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
@@ -480,7 +572,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MiniGPTModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+            inputs_embeds = embed_tokens(self.embed_tokens, input_ids, self.config.tie_word_embeddings)  # (B, T, C)
         # A plain causal pass (no padding, no earlier cache, no packed positions) through SDPA needs no mask tensor:
         # with is_causal the fused kernels skip the masked half. transformers' masking skips the mask the same way in
         # eager mode, but under torch.compile on torch < 2.14 it builds a full (B, 1, T, T) mask, and the kernels
@@ -536,46 +628,6 @@ def next_token_targets(
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return shift_labels.reshape(-1)
-
-
-class KeptBuffer:
-    """A large tensor kept from one training step to the next, handed out again only while nothing else holds it.
-
-    On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
-    its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
-    vocab) tensor (measured here; a refill of kept memory took 23 ms). The fused loss below keeps its logits and their
-    exps this way. Whether the kept tensor is free is read from its memory's reference count: while logits the
-    caller kept (or any view of them) or a graph not yet backpropagated (or retained for another backward) still
-    holds it, the next step gets a fresh tensor and the holder keeps the old one untouched.
-    """
-
-    def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
-        self.own_references = (0, 0)  # memory_references(tensor) while only this buffer holds it
-
-    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of `shape` with `like`'s dtype and device: the kept one if it fits and is free."""
-        tensor = self.tensor
-        if tensor is not None and tensor.shape == shape and tensor.dtype == like.dtype and tensor.device == like.device:
-            references = memory_references(tensor)
-            if references is not None and references == self.own_references:
-                return tensor
-        self.tensor = None  # let go of the old one first (freed unless somebody still holds it)
-        self.tensor = like.new_empty(shape)
-        self.own_references = memory_references(self.tensor)
-        return self.tensor
-
-
-def memory_references(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(references to `tensor`'s memory, references to the tensor itself), None where torch cannot say.
-
-    The first counts views (kept logits, a slice of them); the second counts holders of the tensor object itself,
-    such as a graph that saved it for backward. Both counters are private to torch: without them nothing is reused.
-    """
-    storage_references = getattr(torch._C, "_storage_Use_Count", None)
-    if storage_references is None or not hasattr(tensor, "_use_count"):
-        return None
-    return storage_references(tensor.untyped_storage()._cdata), tensor._use_count()
 
 
 def column_sums(matrix: torch.Tensor) -> torch.Tensor:
@@ -717,11 +769,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def train(self, mode: bool = True) -> MiniGPTForCausalLM:
-        if not mode:  # eval(): the fused loss's kept (tokens x vocab) buffers, ~800 MB for GPT-2's vocabulary and 2k
-            LOSS_BUFFERS.pop(self, None)  # tokens, are freed until training resumes
-        return super().train(mode)
-
     def forget_decoding_blocks(self) -> None:
         for module in self.modules():
             DECODING_BLOCKS.pop(module, None)
@@ -757,7 +804,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         targets = next_token_targets(labels.to(hidden_states.device), ignore_index, shift_labels)
         # Mean over tokens with a target, or the sum over `num_items_in_batch` when the Trainer counts across a batch.
         divisor = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
-        buffers = LOSS_BUFFERS.setdefault(self, (KeptBuffer(), KeptBuffer()))  # logits, exps
+        buffers = KEPT_BUFFERS.setdefault(self, (KeptBuffer(), KeptBuffer()))  # logits, exps
         loss, logits = LMHeadCrossEntropy.apply(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             self.lm_head.weight,

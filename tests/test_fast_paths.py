@@ -241,7 +241,7 @@ def test_loss_buffers_are_reused_only_when_nothing_else_holds_them(monkeypatch: 
     other_ids = input_ids.flip(0)
 
     def kept_memory() -> tuple[int, int]:
-        return tuple(buffer.tensor.data_ptr() for buffer in modeling.LOSS_BUFFERS[model])  # logits, gradient
+        return tuple(buffer.tensor.data_ptr() for buffer in modeling.KEPT_BUFFERS[model])  # logits, exps
 
     memory = []
     for _ in range(2):
@@ -282,17 +282,46 @@ def test_loss_buffers_are_reused_only_when_nothing_else_holds_them(monkeypatch: 
         torch.testing.assert_close(p.grad, once[name], rtol=0, atol=0)
 
 
-def test_eval_mode_frees_the_kept_loss_buffers() -> None:
+@pytest.mark.parametrize("preset", STYLES)
+def test_tied_embedding_gradient_is_built_in_kept_memory_and_equals_the_plain_path(
+    preset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token embedding's (vocab x hidden) gradient is built in memory kept between steps when the LM head shares
+    its weight (the head's gradient reaches .grad first, this one is added into it): the same gradients as
+    nn.Embedding, padding row included, and the second step runs in the first one's memory. Untied, nothing is kept."""
+    model = random_model(preset)
+    input_ids, labels = training_batch()
+    input_ids[2, :5] = 0  # padding tokens as inputs: nn.Embedding gives the padding row no gradient
+    memory = []
+    for _ in range(2):
+        fast = loss_logits_grads(model, input_ids=input_ids, labels=labels)
+        memory.append(modeling.KEPT_BUFFERS[model.model.embed_tokens][0].tensor.data_ptr())
+        slow = plain(monkeypatch, lambda: loss_logits_grads(model, input_ids=input_ids, labels=labels))
+        assert_same_training_step(fast, slow)
+    assert memory[1] == memory[0]
+
+    untied = random_model(preset, tie_word_embeddings=False)
+    loss_logits_grads(untied, input_ids=input_ids, labels=labels)
+    assert untied.model.embed_tokens not in modeling.KEPT_BUFFERS
+
+
+def test_eval_mode_frees_the_kept_training_buffers() -> None:
     model = random_model("tiny-qwen").train()
     input_ids, labels = training_batch()
+    holders = (model, model.model.embed_tokens)  # the fused loss's logits and exps; the embedding's gradient
+
+    def kept_tensors() -> list[torch.Tensor]:
+        return [buffer.tensor for holder in holders for buffer in modeling.KEPT_BUFFERS[holder]]
+
     model(input_ids=input_ids, labels=labels).loss.backward()
-    kept = [weakref.ref(buffer.tensor) for buffer in modeling.LOSS_BUFFERS[model]]
+    kept = [weakref.ref(tensor) for tensor in kept_tensors()]
+    assert len(kept) == 3
     model.eval()
     gc.collect()
     assert all(tensor() is None for tensor in kept)
     model.train()
     model(input_ids=input_ids, labels=labels).loss.backward()  # and training goes on with new ones
-    assert all(buffer.tensor is not None for buffer in modeling.LOSS_BUFFERS[model])
+    assert all(tensor is not None for tensor in kept_tensors())
 
 
 def test_copies_and_pickles_of_a_used_model_carry_no_kept_buffers_or_weight_copies() -> None:
@@ -301,9 +330,9 @@ def test_copies_and_pickles_of_a_used_model_carry_no_kept_buffers_or_weight_copi
     model(input_ids=input_ids, labels=labels).loss.backward()  # the fused loss keeps its buffers
     with torch.no_grad():
         model.generate(input_ids[:1], max_new_tokens=3, do_sample=False)  # one row: decoding copies of the weights
-    assert model in modeling.LOSS_BUFFERS and model.lm_head in modeling.DECODING_BLOCKS
+    assert model in modeling.KEPT_BUFFERS and model.lm_head in modeling.DECODING_BLOCKS
     copy = deepcopy(model)
-    assert copy not in modeling.LOSS_BUFFERS
+    assert copy not in modeling.KEPT_BUFFERS
     assert not any(module in modeling.DECODING_BLOCKS for module in copy.modules())
     whole, weights = io.BytesIO(), io.BytesIO()
     torch.save(model, whole)
