@@ -10,9 +10,10 @@ peft, TRL, vLLM and conversion scripts find the layers they expect. This file is
 `save_pretrained`; it imports only torch, transformers and (relatively) its config, so it loads with
 `trust_remote_code=True` where the `minigpt` package is not installed.
 
-Fast paths (stacked projections, decoding projections, fused GELU, fused LM head + loss, kept training buffers)
-compute the same numbers as the plain code, to float32 rounding, with fewer passes over memory. Each is a named function saying why; each steps
-aside for what it does not cover (peft/LoRA layers, hooks, autocast, torch.compile); `FAST_PATHS = False` turns all off.
+Fast paths (stacked projections, decoding projections, fused GELU, RMSNorm's closed-form backward, fused LM head +
+loss, kept training buffers) compute the same numbers as the plain code, to float32 rounding, with fewer passes over
+memory. Each is a named function saying why; each steps aside for what it does not cover (peft/LoRA layers, hooks,
+autocast, torch.compile); `FAST_PATHS = False` turns all off.
 
 Shapes: B batch, T tokens, C hidden size, nh query heads, nkv key/value heads, hs head size.
 """
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.cache_utils import Cache, DynamicCache
@@ -68,6 +70,14 @@ class MiniGPTRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = (hidden_states.shape[-1],)
+        if (
+            FAST_PATHS
+            and hidden_states.dtype == self.weight.dtype == torch.float32
+            and hidden_states.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
         if FAST_PATHS and hidden_states.dtype == self.weight.dtype == torch.float32:
             # One call for mean-square, rsqrt and the weight (a decoding step runs 13 per token). On CPU PyTorch still
             # composes it from ~6 small kernels, but it measured faster than the formula written out (29 vs 34 us).
@@ -78,6 +88,36 @@ class MiniGPTRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """F.rms_norm(x, (C,), weight, eps) for float32 CPU training, differentiated in closed form.
+
+    PyTorch composes rms_norm from pow, mean, rsqrt and two products, and autograd goes back through each of them:
+    one (8, 256, 384) norm's backward took 5.5 ms here, against 1.8 ms for the formula below (forwards 0.85 ms
+    both; a Qwen-style layer has two norms). With n = x / rms(x) and y = n * w:
+    dL/dw = sum over positions of dy * n, and dL/dx = (g - n * mean(g * n)) / rms(x) where g = dy * w.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inverse_rms = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
+        normed = x * inverse_rms
+        ctx.save_for_backward(normed, inverse_rms, weight)
+        return normed * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        normed, inverse_rms, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight
+            mean = torch.linalg.vecdot(g, normed).div_(g.shape[-1]).unsqueeze(-1)
+            grad_x = torch.addcmul(g, normed, mean, value=-1).mul_(inverse_rms)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+        return grad_x, grad_weight, None
 
 
 def make_norm(config: MiniGPTConfig, size: int | None = None) -> nn.Module:

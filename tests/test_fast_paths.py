@@ -1,8 +1,8 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
 Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
-fused tanh-GELU, the decoding projections (CPU generation), causal attention without a mask tensor, and no KV cache
-in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the
+fused tanh-GELU, RMSNorm's closed-form backward and the tied embedding's kept gradient (CPU training), the decoding
+projections (CPU generation), causal attention without a mask tensor, and no KV cache in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the
 same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with
 `assert_close`.
 """
@@ -145,6 +145,30 @@ def test_training_step_matches_transformers_own_model(preset: str) -> None:
         native_names = {name: name for name in our_grads}
     for ours_name, native_name in native_names.items():
         torch.testing.assert_close(our_grads[ours_name], native_grads[native_name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 48), (3, 5, 4, 48)], ids=["hidden states", "per-head (Qwen3 qk-norm)"])
+def test_rms_norm_closed_form_backward_equals_autograd_through_rms_norm(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    norm = modeling.MiniGPTRMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    generator = torch.Generator().manual_seed(4)
+    inputs, grad = torch.randn(shape, generator=generator) * 3, torch.randn(shape, generator=generator)
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        norm.weight.grad = None
+        x = inputs.clone().requires_grad_()
+        output = norm(x)
+        output.backward(grad)
+        return output.detach(), x.grad, norm.weight.grad, type(output.grad_fn).__name__
+
+    *fast, fast_node = forward_backward()
+    *slow, slow_node = plain(monkeypatch, forward_backward)
+    assert fast_node == "RMSNormFunctionBackward" and slow_node != fast_node
+    for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
+        torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0, -40.0], ids=["ordinary", "overflowing", "all-tiny"])
