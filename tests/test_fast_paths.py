@@ -62,6 +62,19 @@ def loss_logits_grads(model: nn.Module, **inputs) -> tuple[torch.Tensor, torch.T
     return output.loss.detach(), output.logits.detach(), grads
 
 
+def graph_node_names(output: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes `output` was computed through."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def assert_same_training_step(fast: tuple, slow: tuple) -> None:
     (fast_loss, fast_logits, fast_grads), (slow_loss, slow_logits, slow_grads) = fast, slow
     torch.testing.assert_close(fast_loss, slow_loss, **CLOSE)
@@ -167,6 +180,33 @@ def test_rms_norm_closed_form_backward_equals_autograd_through_rms_norm(
     *fast, fast_node = forward_backward()
     *slow, slow_node = plain(monkeypatch, forward_backward)
     assert fast_node == "RMSNormFunctionBackward" and slow_node != fast_node
+    for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
+        torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_with_one_gradient_tensor_equals_autograd_through_the_split(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training a SiLU-gated MLP runs gate and up as one matmul into SiLUGatedProduct, whose backward writes both
+    halves of the gradient into one tensor: the same output and gradients as silu(gate) * up on the split."""
+    config = MiniGPTConfig.from_preset("tiny-qwen", vocab_size=VOCAB, mlp_bias=bias)
+    torch.manual_seed(0)
+    mlp = modeling.MiniGPTMLP(config)
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(3, 40, config.hidden_size, generator=generator)
+    grad = torch.randn(3, 40, config.hidden_size, generator=generator)
+
+    def forward_backward() -> tuple[list[torch.Tensor], str]:
+        mlp.zero_grad(set_to_none=True)
+        x = inputs.clone().requires_grad_()
+        output = mlp(x)
+        output.backward(grad)
+        return [output.detach(), x.grad] + [p.grad for p in mlp.parameters()], graph_node_names(output)
+
+    fast, fast_nodes = forward_backward()
+    slow, slow_nodes = plain(monkeypatch, forward_backward)
+    assert "SiLUGatedProductBackward" in fast_nodes and "SiLUGatedProductBackward" not in slow_nodes
     for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
         torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
 
