@@ -70,15 +70,10 @@ class MiniGPTRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = (hidden_states.shape[-1],)
-        if (
-            FAST_PATHS
-            and hidden_states.dtype == self.weight.dtype == torch.float32
-            and hidden_states.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
-            return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
         if FAST_PATHS and hidden_states.dtype == self.weight.dtype == torch.float32:
+            cpu_training = hidden_states.device.type == "cpu" and torch.is_grad_enabled()
+            if cpu_training and not torch.compiler.is_compiling():
+                return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
             # One call for mean-square, rsqrt and the weight (a decoding step runs 13 per token). On CPU PyTorch still
             # composes it from ~6 small kernels, but it measured faster than the formula written out (29 vs 34 us).
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
@@ -175,16 +170,31 @@ def apply_rotary_pos_emb(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def is_plain_linear(*modules: nn.Module) -> bool:
-    """True for unmodified nn.Linear layers, whose weights a fast path may use directly. A peft/LoRA or quantised layer,
-    or one with hooks or a patched forward (accelerate), must be called as a module, so fast paths step aside."""
+def is_plain(kind: type[nn.Module], *modules: nn.Module) -> bool:
+    """True for unmodified modules of exactly `kind`, whose weights a fast path may use directly. A peft/LoRA or
+    quantised layer, or one with hooks or a patched forward (accelerate), must be called as a module, so fast paths
+    step aside."""
     return all(
-        type(module) is nn.Linear
+        type(module) is kind
         and "forward" not in module.__dict__
         and not module._forward_hooks
         and not module._forward_pre_hooks
         for module in modules
     )
+
+
+def is_plain_linear(*modules: nn.Module) -> bool:
+    return is_plain(nn.Linear, *modules)
+
+
+def can_stack(*layers: nn.Linear) -> bool:
+    """Plain linear layers that can run as one matmul over their stacked weights (biases all present or all absent)."""
+    return FAST_PATHS and len({layer.bias is None for layer in layers}) == 1 and is_plain_linear(*layers)
+
+
+def has_many_rows(x: torch.Tensor) -> bool:
+    """A batch of tokens rather than a decoding step: stacked weights pay off from here (see project_together)."""
+    return x.numel() >= 64 * x.shape[-1]
 
 
 def is_decoding_step(x: torch.Tensor) -> bool:
@@ -273,12 +283,10 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
     gradient inside one matmul instead of with extra additions. The parameters stay separate (`q_proj`, `k_proj`,
     `v_proj`; `gate_proj`, `up_proj`), so checkpoints, peft and conversions see the usual names.
     """
-    many_rows = x.numel() >= 64 * x.shape[-1]
-    biases_alike = len({layer.bias is None for layer in layers}) == 1
     sizes = [layer.out_features for layer in layers]
-    if not (FAST_PATHS and biases_alike and is_plain_linear(*layers)):
+    if not can_stack(*layers):
         return tuple(project(layer, x) for layer in layers)
-    if many_rows:
+    if has_many_rows(x):
         return F.linear(x, *stacked(layers)).split(sizes, dim=-1)
     one_row = x.numel() == x.shape[-1]
     if one_row and is_decoding_step(x) and not any(layer.weight.is_inference() for layer in layers):
@@ -448,12 +456,10 @@ class MiniGPTMLP(nn.Module):
         """Training a SiLU-gated MLP with plain layers: gate and up as one matmul whose (..., 2I) output goes whole
         into SiLUGatedProduct."""
         return (
-            FAST_PATHS
-            and torch.is_grad_enabled()
+            torch.is_grad_enabled()
             and isinstance(self.act_fn, SiLUActivation)
-            and x.numel() >= 64 * x.shape[-1]
-            and is_plain_linear(self.gate_proj, self.up_proj)
-            and (self.gate_proj.bias is None) == (self.up_proj.bias is None)
+            and has_many_rows(x)
+            and can_stack(self.gate_proj, self.up_proj)
             and not torch.compiler.is_compiling()
         )
 
@@ -588,8 +594,7 @@ def embed_tokens(embedding: nn.Embedding, input_ids: torch.Tensor, tied_to_lm_he
         and weight.requires_grad
         and weight.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and type(embedding) is nn.Embedding
-        and not (embedding._forward_hooks or embedding._forward_pre_hooks or "forward" in embedding.__dict__)
+        and is_plain(nn.Embedding, embedding)
         and not (embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None)
     ):
         return embedding(input_ids)
