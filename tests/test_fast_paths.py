@@ -1,10 +1,10 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
 Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
-fused tanh-GELU, RMSNorm's closed-form backward and the tied embedding's kept gradient (CPU training), the decoding
-projections (CPU generation), causal attention without a mask tensor, and no KV cache in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the
-same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with
-`assert_close`.
+fused tanh-GELU, the closed-form backwards of RMSNorm and SwiGLU and the tied embedding's kept gradient (training),
+the decoding projections (CPU generation), causal attention without a mask tensor, and no KV cache in training
+forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the same numbers,
+or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with `assert_close`.
 """
 
 from __future__ import annotations
@@ -73,6 +73,18 @@ def graph_node_names(output: torch.Tensor) -> set[str]:
         names.add(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return names
+
+
+def module_forward_backward(
+    module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor
+) -> tuple[list[torch.Tensor], set[str]]:
+    """module(inputs) backpropagated from `grad`: [output, input gradient, parameter gradients] and the names of the
+    autograd nodes it went through."""
+    module.zero_grad(set_to_none=True)
+    x = inputs.clone().requires_grad_()
+    output = module(x)
+    output.backward(grad)
+    return [output.detach(), x.grad] + [p.grad for p in module.parameters()], graph_node_names(output)
 
 
 def assert_same_training_step(fast: tuple, slow: tuple) -> None:
@@ -169,17 +181,9 @@ def test_rms_norm_closed_form_backward_equals_autograd_through_rms_norm(
         norm.weight.uniform_(0.5, 1.5)
     generator = torch.Generator().manual_seed(4)
     inputs, grad = torch.randn(shape, generator=generator) * 3, torch.randn(shape, generator=generator)
-
-    def forward_backward() -> tuple[torch.Tensor, ...]:
-        norm.weight.grad = None
-        x = inputs.clone().requires_grad_()
-        output = norm(x)
-        output.backward(grad)
-        return output.detach(), x.grad, norm.weight.grad, type(output.grad_fn).__name__
-
-    *fast, fast_node = forward_backward()
-    *slow, slow_node = plain(monkeypatch, forward_backward)
-    assert fast_node == "RMSNormFunctionBackward" and slow_node != fast_node
+    fast, fast_nodes = module_forward_backward(norm, inputs, grad)
+    slow, slow_nodes = plain(monkeypatch, lambda: module_forward_backward(norm, inputs, grad))
+    assert "RMSNormFunctionBackward" in fast_nodes and "RMSNormFunctionBackward" not in slow_nodes
     for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
         torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
 
@@ -196,16 +200,8 @@ def test_swiglu_with_one_gradient_tensor_equals_autograd_through_the_split(
     generator = torch.Generator().manual_seed(5)
     inputs = torch.randn(3, 40, config.hidden_size, generator=generator)
     grad = torch.randn(3, 40, config.hidden_size, generator=generator)
-
-    def forward_backward() -> tuple[list[torch.Tensor], str]:
-        mlp.zero_grad(set_to_none=True)
-        x = inputs.clone().requires_grad_()
-        output = mlp(x)
-        output.backward(grad)
-        return [output.detach(), x.grad] + [p.grad for p in mlp.parameters()], graph_node_names(output)
-
-    fast, fast_nodes = forward_backward()
-    slow, slow_nodes = plain(monkeypatch, forward_backward)
+    fast, fast_nodes = module_forward_backward(mlp, inputs, grad)
+    slow, slow_nodes = plain(monkeypatch, lambda: module_forward_backward(mlp, inputs, grad))
     assert "SiLUGatedProductBackward" in fast_nodes and "SiLUGatedProductBackward" not in slow_nodes
     for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
         torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
