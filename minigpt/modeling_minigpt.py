@@ -52,8 +52,10 @@ FAST_PATHS = True
 # torch.save of the model never carries it; an entry goes with its module. Decoding copies of weights, by first layer:
 DECODING_BLOCKS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 # Training buffers kept from step to step (KeptBuffer): the fused loss's (logits, exps) by model, the token
-# embedding's (weight gradient,) by embedding module. eval() frees them.
+# embedding's (weight gradient,) by embedding module, a SwiGLU MLP's activations and gradient scratch by MLP module.
+# eval() frees them. Scratch that all layers share is found here by name while some entry above holds it:
 KEPT_BUFFERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+SHARED_BUFFERS: weakref.WeakValueDictionary[str, KeptBuffer] = weakref.WeakValueDictionary()
 
 # --------------------------------------------------------------------------------------------------------------------
 # Normalisation
@@ -397,35 +399,127 @@ class MiniGPTAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Memory kept from one training step to the next (CPU page faults)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KeptBuffer:
+    """A large tensor kept from one training step to the next, handed out again only while nothing else holds it.
+
+    On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
+    its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
+    vocab) tensor (measured here; a refill of kept memory took 23 ms). The token embedding's weight gradient (below)
+    and the fused loss's logits and their exps (LM head section) are kept this way. Whether the kept tensor is free
+    is read from its memory's reference count: while logits the caller kept (or any view of them) or a graph not yet
+    backpropagated (or retained for another backward) still holds it, the next step gets a fresh tensor and the
+    holder keeps the old one untouched.
+    """
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.own_references = (0, 0)  # memory_references(tensor) while only this buffer holds it
+
+    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with `like`'s dtype and device: the kept one if it fits and is free."""
+        tensor = self.tensor
+        if tensor is not None and tensor.shape == shape and tensor.dtype == like.dtype and tensor.device == like.device:
+            references = memory_references(tensor)
+            if references is not None and references == self.own_references:
+                return tensor
+        self.tensor = None  # let go of the old one first (freed unless somebody still holds it)
+        self.tensor = like.new_empty(shape)
+        self.own_references = memory_references(self.tensor)
+        return self.tensor
+
+
+def memory_references(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(references to `tensor`'s memory, references to the tensor itself), None where torch cannot say.
+
+    The first counts views (kept logits, a slice of them); the second counts holders of the tensor object itself,
+    such as a graph that saved it for backward. Both counters are private to torch: without them nothing is reused.
+    """
+    storage_references = getattr(torch._C, "_storage_Use_Count", None)
+    if storage_references is None or not hasattr(tensor, "_use_count"):
+        return None
+    return storage_references(tensor.untyped_storage()._cdata), tensor._use_count()
+
+
+def shared_buffer(name: str) -> KeptBuffer:
+    """The KeptBuffer `name` that all layers share, for scratch used only within one layer's backward. It lives while
+    a layer's entry in KEPT_BUFFERS holds it (until eval() or the model goes)."""
+    buffer = SHARED_BUFFERS.get(name)
+    if buffer is None:
+        buffer = SHARED_BUFFERS[name] = KeptBuffer()
+    return buffer
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Feed-forward
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class SiLUGatedProduct(torch.autograd.Function):
-    """silu(gate) * up from the stacked gate/up projection's (..., 2I) output; its gradient as one (..., 2I) tensor.
+def linear_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = F.linear(rows, weight, bias), written into `out` (which may be a column slice of a wider matrix)."""
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out)
 
-    Split into gate and up views, autograd returns their two gradients separately and concatenates them for the stacked
-    matmul's backward: one more pass over (B, T, 2I) per layer. Here both halves are written into one tensor in place
-    (side by side, fresh tensors as in a training step: 8.4 -> 6.2 ms per (8, 256, 2 x 1024) backward).
+
+class SwiGLUFunction(torch.autograd.Function):
+    """The SwiGLU MLP, down(silu(gate(x)) * up(x)), as one autograd node for training, its big tensors in kept memory.
+
+    At the GPT-2 small shape (8 x 512 tokens, 768 -> 2048) each (tokens x 2048) float32 activation is 32 MiB, the size
+    from which glibc maps fresh memory for every tensor and unmaps it when freed, so each costs ~8k page faults on its
+    first touch (a silu into fresh memory took 25-34 ms here, into kept memory 7-10 ms). As separate modules one
+    layer's forward and backward allocate ~250 MB that way. Here gate and up write the two halves of one kept
+    (tokens, 2I) tensor, silu(gate) * up goes into a second one (both per layer, saved for the backward), and the
+    backward's two gradients (hidden, and gate/up as one tensor written in place) use scratch that all layers share
+    (SHARED_BUFFERS). Side by side at that shape: 1234 -> 1142 ms per layer forward + backward, 0-2k page faults
+    instead of 60-73k.
     """
 
     @staticmethod
-    def forward(ctx, gate_up):
+    def forward(ctx, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, buffers):
+        kept_gate_up, kept_hidden, d_gate_up_scratch, d_hidden_scratch = buffers
+        rows = x.reshape(-1, x.shape[-1])  # (N, C)
+        gate_up = kept_gate_up.get((rows.shape[0], 2 * up_weight.shape[0]), x)
         gate, up = gate_up.chunk(2, dim=-1)
-        activated = F.silu(gate)
-        ctx.save_for_backward(gate_up, activated)
-        return activated * up
+        linear_into(gate, rows, gate_weight, gate_bias)
+        linear_into(up, rows, up_weight, up_bias)
+        hidden = torch.ops.aten.silu.out(gate, out=kept_hidden.get(gate.shape, x)).mul_(up)
+        ctx.save_for_backward(rows, gate_up, hidden, gate_weight, up_weight, down_weight)
+        ctx.scratch = (d_gate_up_scratch, d_hidden_scratch)
+        return F.linear(hidden, down_weight, down_bias).view(*x.shape[:-1], down_weight.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        gate_up, activated = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad, activated, out=grad_up)  # d/d(up) = dy * silu(gate)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)  # dy * up * silu'(gate)
-        return grad_gate_up
+        rows, gate_up, hidden, gate_weight, up_weight, down_weight = ctx.saved_tensors
+        d_gate_up_scratch, d_hidden_scratch = ctx.scratch
+        needs = ctx.needs_input_grad  # x, gate weight, gate bias, up weight, up bias, down weight, down bias
+        dy = grad.reshape(-1, grad.shape[-1])  # (N, C)
+        grads = [None] * 8
+        if needs[5]:
+            grads[5] = dy.t() @ hidden
+        if needs[6]:
+            grads[6] = dy.sum(0)
+        if any(needs[:5]):
+            d_hidden = torch.mm(dy, down_weight, out=d_hidden_scratch.get(hidden.shape, hidden))
+            d_gate_up = d_gate_up_scratch.get(gate_up.shape, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            d_gate, d_up = d_gate_up.chunk(2, dim=-1)
+            torch.ops.aten.silu.out(gate, out=d_up).mul_(d_hidden)  # d/d(up) = dh * silu(gate)
+            torch.mul(d_hidden, up, out=d_gate)  # d/d(gate) = dh * up * silu'(gate), the last factor in place:
+            torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+            if needs[0]:
+                grads[0] = torch.mm(d_gate, gate_weight).addmm_(d_up, up_weight).view(*grad.shape[:-1], -1)
+            for index, d in ((1, d_gate), (3, d_up)):
+                if needs[index]:
+                    grads[index] = d.t() @ rows
+                if needs[index + 1]:
+                    grads[index + 1] = d.sum(0)
+        return tuple(grads)
 
 
 class MiniGPTMLP(nn.Module):
@@ -445,21 +539,29 @@ class MiniGPTMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             hidden = self.activation(project(self.up_proj, x))
-        elif self._trains_fused_swiglu(x):
-            hidden = SiLUGatedProduct.apply(F.linear(x, *stacked((self.gate_proj, self.up_proj))))
+        elif self._trains_swiglu_in_kept_memory(x):
+            gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+            buffers = KEPT_BUFFERS.setdefault(  # gate/up output and hidden (this layer's), their gradients (shared)
+                self, (KeptBuffer(), KeptBuffer(), shared_buffer("SwiGLU d_gate_up"), shared_buffer("SwiGLU d_hidden"))
+            )
+            output = SwiGLUFunction.apply(
+                x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, buffers
+            )
+            return self.dropout(output)
         else:
             gate, up = project_together(x, self.gate_proj, self.up_proj)
             hidden = self.activation(gate) * up
         return self.dropout(self.down_proj(hidden))
 
-    def _trains_fused_swiglu(self, x: torch.Tensor) -> bool:
-        """Training a SiLU-gated MLP with plain layers: gate and up as one matmul whose (..., 2I) output goes whole
-        into SiLUGatedProduct."""
+    def _trains_swiglu_in_kept_memory(self, x: torch.Tensor) -> bool:
+        """Training a SiLU-gated MLP of plain layers in x's dtype, no autocast (its matmuls write into kept memory)."""
         return (
             torch.is_grad_enabled()
             and isinstance(self.act_fn, SiLUActivation)
             and has_many_rows(x)
-            and can_stack(self.gate_proj, self.up_proj)
+            and can_stack(self.gate_proj, self.up_proj, self.down_proj)
+            and x.dtype == self.down_proj.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
             and not torch.compiler.is_compiling()
         )
 
@@ -541,47 +643,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MiniGPTRotaryEmbedding):
             # Non-persistent buffers come back uninitialised from from_pretrained's meta-device build.
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
-
-
-class KeptBuffer:
-    """A large tensor kept from one training step to the next, handed out again only while nothing else holds it.
-
-    On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
-    its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
-    vocab) tensor (measured here; a refill of kept memory took 23 ms). The token embedding's weight gradient (below)
-    and the fused loss's logits and their exps (LM head section) are kept this way. Whether the kept tensor is free
-    is read from its memory's reference count: while logits the caller kept (or any view of them) or a graph not yet
-    backpropagated (or retained for another backward) still holds it, the next step gets a fresh tensor and the
-    holder keeps the old one untouched.
-    """
-
-    def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
-        self.own_references = (0, 0)  # memory_references(tensor) while only this buffer holds it
-
-    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of `shape` with `like`'s dtype and device: the kept one if it fits and is free."""
-        tensor = self.tensor
-        if tensor is not None and tensor.shape == shape and tensor.dtype == like.dtype and tensor.device == like.device:
-            references = memory_references(tensor)
-            if references is not None and references == self.own_references:
-                return tensor
-        self.tensor = None  # let go of the old one first (freed unless somebody still holds it)
-        self.tensor = like.new_empty(shape)
-        self.own_references = memory_references(self.tensor)
-        return self.tensor
-
-
-def memory_references(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(references to `tensor`'s memory, references to the tensor itself), None where torch cannot say.
-
-    The first counts views (kept logits, a slice of them); the second counts holders of the tensor object itself,
-    such as a graph that saved it for backward. Both counters are private to torch: without them nothing is reused.
-    """
-    storage_references = getattr(torch._C, "_storage_Use_Count", None)
-    if storage_references is None or not hasattr(tensor, "_use_count"):
-        return None
-    return storage_references(tensor.untyped_storage()._cdata), tensor._use_count()
 
 
 def embed_tokens(embedding: nn.Embedding, input_ids: torch.Tensor, tied_to_lm_head: bool) -> torch.Tensor:

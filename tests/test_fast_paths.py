@@ -1,10 +1,11 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
 Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
-fused tanh-GELU, the closed-form backwards of RMSNorm and SwiGLU and the tied embedding's kept gradient (training),
-the decoding projections (CPU generation), causal attention without a mask tensor, and no KV cache in training
-forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route to the same numbers,
-or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with `assert_close`.
+fused tanh-GELU, the closed-form backwards of RMSNorm and of the SwiGLU MLP (in kept memory) and the tied embedding's
+kept gradient (training), the decoding projections (CPU generation), causal attention without a mask tensor, and no KV
+cache in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route
+to the same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with
+`assert_close`.
 """
 
 from __future__ import annotations
@@ -189,22 +190,60 @@ def test_rms_norm_closed_form_backward_equals_autograd_through_rms_norm(
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_swiglu_with_one_gradient_tensor_equals_autograd_through_the_split(
-    bias: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Training a SiLU-gated MLP runs gate and up as one matmul into SiLUGatedProduct, whose backward writes both
-    halves of the gradient into one tensor: the same output and gradients as silu(gate) * up on the split."""
+def test_swiglu_mlp_in_kept_memory_equals_the_plain_modules(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training a SiLU-gated MLP runs it as one SwiGLUFunction node (activations in kept memory, gate/up gradient
+    written as one tensor): the same output and gradients as gate, up and down as modules and silu(gate) * up."""
     config = MiniGPTConfig.from_preset("tiny-qwen", vocab_size=VOCAB, mlp_bias=bias)
     torch.manual_seed(0)
     mlp = modeling.MiniGPTMLP(config)
+    if bias:
+        with torch.no_grad():
+            for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                layer.bias.uniform_(-0.5, 0.5)
     generator = torch.Generator().manual_seed(5)
     inputs = torch.randn(3, 40, config.hidden_size, generator=generator)
     grad = torch.randn(3, 40, config.hidden_size, generator=generator)
     fast, fast_nodes = module_forward_backward(mlp, inputs, grad)
     slow, slow_nodes = plain(monkeypatch, lambda: module_forward_backward(mlp, inputs, grad))
-    assert "SiLUGatedProductBackward" in fast_nodes and "SiLUGatedProductBackward" not in slow_nodes
+    assert "SwiGLUFunctionBackward" in fast_nodes and "SwiGLUFunctionBackward" not in slow_nodes
+    assert len(fast) == len(slow) == 2 + (6 if bias else 3)
     for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
         torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
+
+
+def test_swiglu_kept_memory_is_reused_only_when_no_graph_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step after step the MLPs run in the same kept memory, and all layers share one gradient scratch; two forwards
+    before their backwards (gradient accumulation in the other order) get separate memory and the right gradients."""
+    model = random_model("tiny-qwen")
+    input_ids, labels = training_batch()
+    other_ids = input_ids.flip(0)
+    mlps = [layer.mlp for layer in model.model.layers]
+
+    def kept_memory() -> list[tuple[int, ...]]:
+        return [tuple(buffer.tensor.data_ptr() for buffer in modeling.KEPT_BUFFERS[mlp]) for mlp in mlps]
+
+    loss_logits_grads(model, input_ids=input_ids, labels=labels)
+    first = kept_memory()
+    loss_logits_grads(model, input_ids=other_ids, labels=other_ids)
+    assert kept_memory() == first
+    assert len({memory[2:] for memory in first}) == 1  # d_gate_up and d_hidden: one pair for all layers
+    assert len({memory[:2] for memory in first}) == len(mlps)  # gate/up output and hidden: each layer its own
+
+    def two_forwards_then_backwards() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        first_loss = model(input_ids=input_ids, labels=labels).loss
+        second_loss = model(input_ids=other_ids, labels=other_ids).loss
+        second_loss.backward()
+        first_loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fast, slow = two_forwards_then_backwards(), plain(monkeypatch, two_forwards_then_backwards)
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], **CLOSE, msg=lambda m, n=name: f"{n}: {m}")
+    model.eval()
+    assert not any(mlp in modeling.KEPT_BUFFERS for mlp in mlps)
+    gc.collect()
+    assert "SwiGLU d_gate_up" not in modeling.SHARED_BUFFERS  # the shared scratch went with the last layer's entry
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0, -40.0], ids=["ordinary", "overflowing", "all-tiny"])
