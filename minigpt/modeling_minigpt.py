@@ -94,11 +94,15 @@ class RMSNormFunction(torch.autograd.Function):
     one (8, 256, 384) norm's backward took 5.5 ms here, against 1.8 ms for the formula below (forwards 0.85 ms
     both; a Qwen-style layer has two norms). With n = x / rms(x) and y = n * w:
     dL/dw = sum over positions of dy * n, and dL/dx = (g - n * mean(g * n)) / rms(x) where g = dy * w.
+    The sums of squares and mean(g * n) = (dy * n) @ w / C are reductions without a (tokens, C) temporary, and g is
+    written over dy * n once both sums are taken (torch.linalg.vecdot multiplies into one first): at (8, 512, 768),
+    forward + backward 23 -> 13.5 ms, side by side.
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        inverse_rms = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
+        size = x.shape[-1]
+        inverse_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
         normed = x * inverse_rms
         ctx.save_for_backward(normed, inverse_rms, weight)
         return normed * weight
@@ -107,13 +111,15 @@ class RMSNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         normed, inverse_rms, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
+        size = normed.shape[-1]
+        rows = normed.reshape(-1, size)
+        grad_x_n = (grad * normed).reshape(-1, size)  # dy * n, (tokens, C)
+        grad_weight = grad_x_n.sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            g = grad * weight
-            mean = torch.linalg.vecdot(g, normed).div_(g.shape[-1]).unsqueeze(-1)
-            grad_x = torch.addcmul(g, normed, mean, value=-1).mul_(inverse_rms)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+            mean = torch.mv(grad_x_n, weight).div_(size).unsqueeze(-1)  # mean(g * n), (tokens, 1)
+            g = torch.mul(grad.reshape(rows.shape), weight, out=grad_x_n)  # dy * n is summed: its memory takes g
+            grad_x = g.addcmul_(rows, mean, value=-1).mul_(inverse_rms.reshape(-1, 1)).view(normed.shape)
         return grad_x, grad_weight, None
 
 
