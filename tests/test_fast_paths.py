@@ -1,11 +1,11 @@
 """Every fast path in modeling_minigpt.py computes what the plain path computes, and still matches transformers.
 
 Fast paths: the fused LM head + cross-entropy (float32 CPU training), the stacked q/k/v and gate/up matmuls, PyTorch's
-fused tanh-GELU, the closed-form backwards of RMSNorm and of the SwiGLU MLP (in kept memory) and the tied embedding's
-kept gradient (training), the decoding projections (CPU generation), causal attention without a mask tensor, and no KV
-cache in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or another route
-to the same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and compares with
-`assert_close`.
+fused tanh-GELU, the closed-form backwards of RMSNorm, RoPE's rotation and the SwiGLU MLP (in kept memory) and the
+tied embedding's kept gradient (training), the decoding projections (CPU generation), causal attention without a mask
+tensor, and no KV cache in training forwards. Each test runs the same model with `FAST_PATHS` on and off (`plain`), or
+another route to the same numbers, or transformers' own GPT2LMHeadModel / Qwen2ForCausalLM with the same weights, and
+compares with `assert_close`.
 """
 
 from __future__ import annotations
@@ -173,6 +173,35 @@ def test_training_step_matches_transformers_own_model(preset: str) -> None:
         native_names = {name: name for name in our_grads}
     for ours_name, native_name in native_names.items():
         torch.testing.assert_close(our_grads[ours_name], native_grads[native_name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
+def test_rotation_in_place_equals_rotate_half(grad_enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries and keys rotated without rotate_half's copy (the Rotation node in training, `rotated` without grad):
+    the same values and gradients as x * cos + rotate_half(x) * sin, for GQA's different head counts."""
+    config = MiniGPTConfig.from_preset("tiny-qwen", vocab_size=VOCAB)
+    generator = torch.Generator().manual_seed(6)
+    positions = torch.randint(0, 500, (2, 9), generator=generator)  # any positions, as with left padding
+    cos, sin = modeling.MiniGPTRotaryEmbedding(config)(torch.zeros(1), positions)
+    # (B, heads, T, hs) views of (B, T, heads, hs), as the attention makes them
+    queries, keys = (torch.randn(2, 9, heads, config.head_dim, generator=generator).transpose(1, 2) for heads in (4, 2))
+    grads = [torch.randn(x.shape, generator=generator) for x in (queries, keys)]
+
+    def rotate() -> list[torch.Tensor]:
+        with torch.set_grad_enabled(grad_enabled):
+            inputs = [x.clone().requires_grad_(grad_enabled) for x in (queries, keys)]
+            outputs = modeling.apply_rotary_pos_emb(*inputs, cos, sin)
+            if not grad_enabled:
+                return list(outputs)
+            torch.autograd.backward(outputs, grads)
+            assert {type(output.grad_fn).__name__ for output in outputs} == (
+                {"RotationBackward"} if modeling.FAST_PATHS else {"AddBackward0"}
+            )
+            return [output.detach() for output in outputs] + [x.grad for x in inputs]
+
+    fast, slow = rotate(), plain(monkeypatch, rotate)
+    for fast_tensor, slow_tensor in zip(fast, slow, strict=True):
+        torch.testing.assert_close(fast_tensor, slow_tensor, **CLOSE)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 48), (3, 5, 4, 48)], ids=["hidden states", "per-head (Qwen3 qk-norm)"])
