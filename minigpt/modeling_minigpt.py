@@ -447,8 +447,8 @@ class KeptBuffer:
 
     On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
     its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
-    vocab) tensor (measured here; a refill of kept memory took 23 ms). The token embedding's weight gradient (below)
-    and the fused loss's logits and their exps (LM head section) are kept this way. Whether the kept tensor is free
+    vocab) tensor (measured here; a refill of kept memory took 23 ms). The SwiGLU MLP's activations and gradients
+    (below), the token embedding's weight gradient and the fused loss's logits and their exps are kept this way. Whether the kept tensor is free
     is read from its memory's reference count: while logits the caller kept (or any view of them) or a graph not yet
     backpropagated (or retained for another backward) still holds it, the next step gets a fresh tensor and the
     holder keeps the old one untouched.
@@ -576,33 +576,35 @@ class MiniGPTMLP(nn.Module):
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.gated:
-            hidden = self.activation(project(self.up_proj, x))
-        elif self._trains_swiglu_in_kept_memory(x):
-            gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-            buffers = KEPT_BUFFERS.setdefault(  # gate/up output and hidden (this layer's), their gradients (shared)
-                self, (KeptBuffer(), KeptBuffer(), shared_buffer("SwiGLU d_gate_up"), shared_buffer("SwiGLU d_hidden"))
-            )
-            output = SwiGLUFunction.apply(
-                x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, buffers
-            )
-            return self.dropout(output)
-        else:
+        if self._trains_swiglu_in_kept_memory(x):
+            return self.dropout(self._swiglu_in_kept_memory(x))
+        if self.gated:
             gate, up = project_together(x, self.gate_proj, self.up_proj)
             hidden = self.activation(gate) * up
+        else:
+            hidden = self.activation(project(self.up_proj, x))
         return self.dropout(self.down_proj(hidden))
 
     def _trains_swiglu_in_kept_memory(self, x: torch.Tensor) -> bool:
         """Training a SiLU-gated MLP of plain layers in x's dtype, no autocast (its matmuls write into kept memory)."""
         return (
-            torch.is_grad_enabled()
+            FAST_PATHS
+            and self.gated
             and isinstance(self.act_fn, SiLUActivation)
+            and torch.is_grad_enabled()
             and has_many_rows(x)
-            and can_stack(self.gate_proj, self.up_proj, self.down_proj)
+            and is_plain_linear(self.gate_proj, self.up_proj, self.down_proj)
             and x.dtype == self.down_proj.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.compiler.is_compiling()
         )
+
+    def _swiglu_in_kept_memory(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        buffers = KEPT_BUFFERS.setdefault(  # gate/up output and hidden (this layer's), their gradients (shared)
+            self, (KeptBuffer(), KeptBuffer(), shared_buffer("SwiGLU d_gate_up"), shared_buffer("SwiGLU d_hidden"))
+        )
+        return SwiGLUFunction.apply(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, buffers)
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if FAST_PATHS and isinstance(self.act_fn, NewGELUActivation):
