@@ -471,23 +471,26 @@ def test_copies_and_pickles_of_a_used_model_carry_no_kept_buffers_or_weight_copi
     assert whole.tell() < weights.tell() + 100_000  # the weights and the module structure, nothing the size of a copy
 
 
-def test_stacked_projections_step_aside_for_lora_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("target", [["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], ["down_proj"]])
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["inference", "training"])
+def test_fast_paths_step_aside_for_lora_layers(
+    target: list[str], grad_enabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stacked projections (inference) and the kept-memory SwiGLU MLP (training) use weights directly: a LoRA
+    adapter on any of their layers must send them to the plain modules."""
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
-        random_model("tiny-qwen"),
-        peft.LoraConfig(
-            r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], init_lora_weights=False
-        ),
+        random_model("tiny-qwen"), peft.LoraConfig(r=4, target_modules=target, init_lora_weights=False)
     )
     input_ids, _ = training_batch()
-    model.eval()
-    with torch.no_grad():
-        lora = model(input_ids=input_ids).logits
+    model.train(grad_enabled)
+    with torch.set_grad_enabled(grad_enabled):
+        lora = model(input_ids=input_ids).logits.detach()
         with model.disable_adapter():
-            base = model(input_ids=input_ids).logits
-        slow = plain(monkeypatch, lambda: model(input_ids=input_ids).logits)
+            base = model(input_ids=input_ids).logits.detach()
+        slow = plain(monkeypatch, lambda: model(input_ids=input_ids).logits.detach())
     assert not torch.allclose(lora, base)  # the adapters change the output...
-    torch.testing.assert_close(lora, slow, **CLOSE)  # ...and are applied, not bypassed by a stacked matmul
+    torch.testing.assert_close(lora, slow, **CLOSE)  # ...and are applied, not bypassed by a fast path
 
 
 def test_fused_gelu_equals_transformers_gelu_new() -> None:
