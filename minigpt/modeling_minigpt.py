@@ -448,10 +448,10 @@ class KeptBuffer:
     On CPU a freed tensor of hundreds of MB goes back to the operating system, and a fresh one pays a page fault on
     its first touch of every 4 KB page: for GPT-2's vocabulary and 2k tokens ~100k faults, ~135 ms, per (tokens x
     vocab) tensor (measured here; a refill of kept memory took 23 ms). The SwiGLU MLP's activations and gradients
-    (below), the token embedding's weight gradient and the fused loss's logits and their exps are kept this way. Whether the kept tensor is free
-    is read from its memory's reference count: while logits the caller kept (or any view of them) or a graph not yet
-    backpropagated (or retained for another backward) still holds it, the next step gets a fresh tensor and the
-    holder keeps the old one untouched.
+    (below), the token embedding's weight gradient and the fused loss's logits and their exps are kept this way.
+    Whether the kept tensor is free is read from its memory's reference count: while logits the caller kept (or any
+    view of them) or a graph not yet backpropagated (or retained for another backward) still holds it, the next step
+    gets a fresh tensor and the holder keeps the old one untouched.
     """
 
     def __init__(self) -> None:
