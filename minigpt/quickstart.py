@@ -160,8 +160,9 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
         f"{len(conversations):,} SFT conversations, {len(heldout):,} held-out questions (in {data})"
     )
 
-    # 2. A tokenizer for this corpus, chat turns included.
-    chat_text = [message["content"] for messages in conversations for message in messages]
+    # 2. A tokenizer for this corpus, chat turns included as the ChatML template writes them (the role name, a newline,
+    # the content), so that "user" and "assistant" become one token each rather than three and six byte pairs.
+    chat_text = [f"{message['role']}\n{message['content']}" for messages in conversations for message in messages]
     tokenizer = build_tokenizer_from_texts(texts + chat_text, plan.vocab_size)
     save_tokenizer(tokenizer, out / "tokenizer")
     seconds["data_and_tokenizer"] = round(time.monotonic() - clock, 1)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from minigpt import quickstart
 from minigpt.errors import MiniGPTError
@@ -64,6 +65,10 @@ def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_
         assert (out / name).is_file(), name
     for model in ("pretrain", "chat"):
         assert json.loads((out / model / "config.json").read_text())["auto_map"]
+    # The tokenizer learned the chat template's role headers: "<|im_start|>assistant\n" is three tokens.
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    for role in ("user", "assistant"):
+        assert len(tokenizer(f"<|im_start|>{role}\n").input_ids) == 3, role
     # It printed chats in both languages and the accuracy.
     assert re.search(r"model: .*[\u4e00-\u9fff]", stdout) and re.search(r"model: [A-Za-z]", stdout)
     assert "held-out question accuracy:" in stdout
