@@ -131,6 +131,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto") -> dict:
     """The whole quick start with `plan`'s sizes; writes OUT/report.json and returns the report."""
     from .chat import chat_reply, load_model
+    from .data.formats import record_texts
     from .data.world import build_world
     from .evaluate import question_accuracy
     from .tokenization import build_tokenizer_from_texts, save_tokenizer
@@ -162,7 +163,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
 
     # 2. A tokenizer for this corpus, chat turns included as the ChatML template writes them (the role name, a newline,
     # the content), so that "user" and "assistant" become one token each rather than three and six byte pairs.
-    chat_text = [f"{message['role']}\n{message['content']}" for messages in conversations for message in messages]
+    chat_text = [piece for messages in conversations for piece in record_texts({"messages": messages})]
     tokenizer = build_tokenizer_from_texts(texts + chat_text, plan.vocab_size)
     save_tokenizer(tokenizer, out / "tokenizer")
     seconds["data_and_tokenizer"] = round(time.monotonic() - clock, 1)

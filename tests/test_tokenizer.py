@@ -11,7 +11,13 @@ from transformers import AutoTokenizer
 from minigpt.cli import main
 from minigpt.data import load_records
 from minigpt.errors import MiniGPTError
-from minigpt.tokenization import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer_from_texts, save_tokenizer
+from minigpt.tokenization import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_tokenizer_from_texts,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -159,6 +165,15 @@ def test_train_tokenizer_command_saves_a_tokenizer_and_reports_vocab_time_and_he
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
     # The SFT file's role names are in the training text, so the template scaffolding is one token per word.
     assert len(tokenizer("<|im_start|>assistant\n")["input_ids"]) == 3
+
+
+@pytest.mark.parametrize("corpus", ["pretrain/xiyouji_zh.txt", "pretrain/tinystories_train_first2MiB.txt"])
+def test_a_tokenizer_trained_on_plain_text_has_one_token_per_chat_role_header(shared_data: Path, corpus: str):
+    # Neither corpus starts a line with "system", "user" or "assistant": without the headers trained in, the Chinese
+    # novel spells "assistant" in nine tokens and the English stories in three.
+    tokenizer = train_tokenizer([shared_data / corpus], 6400, verbose=False)
+    for role in ("system", "user", "assistant"):
+        assert len(tokenizer(f"<|im_start|>{role}\n")["input_ids"]) == 3, role
 
 
 def test_train_tokenizer_command_reports_a_bad_line_in_one_line_and_exits_2(tmp_path: Path, capsys):
