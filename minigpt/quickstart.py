@@ -162,7 +162,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     )
 
     # 2. A tokenizer for this corpus, chat turns included as the ChatML template writes them (the role name, a newline,
-    # the content), so that "user" and "assistant" become one token each rather than three and six byte pairs.
+    # the content), so that "user" and "assistant" become one token each rather than three and six tokens.
     chat_text = [piece for messages in conversations for piece in record_texts({"messages": messages})]
     tokenizer = build_tokenizer_from_texts(texts + chat_text, plan.vocab_size)
     save_tokenizer(tokenizer, out / "tokenizer")

@@ -169,7 +169,7 @@ def test_train_tokenizer_command_saves_a_tokenizer_and_reports_vocab_time_and_he
 
 @pytest.mark.parametrize("corpus", ["pretrain/xiyouji_zh.txt", "pretrain/tinystories_train_first2MiB.txt"])
 def test_a_tokenizer_trained_on_plain_text_has_one_token_per_chat_role_header(shared_data: Path, corpus: str):
-    # Neither corpus starts a line with "system", "user" or "assistant": without the headers trained in, the Chinese
+    # Neither corpus holds the words "user" or "assistant": without the headers trained in, the Chinese
     # novel spells "assistant" in nine tokens and the English stories in three.
     tokenizer = train_tokenizer([shared_data / corpus], 6400, verbose=False)
     for role in ("system", "user", "assistant"):
