@@ -483,6 +483,14 @@ def memory_references(tensor: torch.Tensor) -> tuple[int, int] | None:
     return storage_references(tensor.untyped_storage()._cdata), tensor._use_count()
 
 
+def kept_buffers(module: nn.Module, make: Callable[[], tuple]) -> tuple:
+    """`module`'s entry in KEPT_BUFFERS, made by `make()` on its first training step (not built again every step)."""
+    buffers = KEPT_BUFFERS.get(module)
+    if buffers is None:
+        buffers = KEPT_BUFFERS[module] = make()
+    return buffers
+
+
 def shared_buffer(name: str) -> KeptBuffer:
     """The KeptBuffer `name` that all layers share, for scratch used only within one layer's backward. It lives while
     a layer's entry in KEPT_BUFFERS holds it (until eval() or the model goes)."""
@@ -601,8 +609,9 @@ class MiniGPTMLP(nn.Module):
 
     def _swiglu_in_kept_memory(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        buffers = KEPT_BUFFERS.setdefault(  # gate/up output and hidden (this layer's), their gradients (shared)
-            self, (KeptBuffer(), KeptBuffer(), shared_buffer("SwiGLU d_gate_up"), shared_buffer("SwiGLU d_hidden"))
+        buffers = kept_buffers(  # gate/up output and hidden (this layer's), their gradients (shared)
+            self,
+            lambda: (KeptBuffer(), KeptBuffer(), shared_buffer("SwiGLU d_gate_up"), shared_buffer("SwiGLU d_hidden")),
         )
         return SwiGLUFunction.apply(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, buffers)
 
@@ -700,7 +709,7 @@ def embed_tokens(embedding: nn.Embedding, input_ids: torch.Tensor, tied_to_lm_he
         and not (embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None)
     ):
         return embedding(input_ids)
-    (buffer,) = KEPT_BUFFERS.setdefault(embedding, (KeptBuffer(),))
+    (buffer,) = kept_buffers(embedding, lambda: (KeptBuffer(),))
     return EmbeddingKeptGradient.apply(input_ids, weight, embedding.padding_idx, buffer)
 
 
@@ -996,7 +1005,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         targets = next_token_targets(labels.to(hidden_states.device), ignore_index, shift_labels)
         # Mean over tokens with a target, or the sum over `num_items_in_batch` when the Trainer counts across a batch.
         divisor = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
-        buffers = KEPT_BUFFERS.setdefault(self, (KeptBuffer(), KeptBuffer()))  # logits, exps
+        buffers = kept_buffers(self, lambda: (KeptBuffer(), KeptBuffer()))  # logits, exps
         loss, logits = LMHeadCrossEntropy.apply(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             self.lm_head.weight,
