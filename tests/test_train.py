@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,35 @@ def test_sft_neftune_alpha_noises_the_training_loss(pretrained, shared_data, tmp
         )
         first_losses[alpha] = facts["first_train_loss"]
     assert first_losses["0"] != first_losses["5"], first_losses
+
+
+def test_sft_mix_data_gives_each_pass_over_the_sft_rows_its_own_pretraining_blocks(
+    pretrained, corpus, shared_data, tmp_path
+):
+    """--mix-data: pretraining blocks make up --mix-ratio of the rows, and each pass over the SFT rows has its own
+    (every block once before any repeats), not the same few on every pass."""
+    base, _ = pretrained
+    identity = shared_data / "minimind/lora_identity.jsonl"  # 91 conversations
+    flags = ["--model", str(base), "--data", str(identity), "--mix-data", str(corpus["tinystories"])]
+    flags += ["--mix-block-size", "32", "--max-length", "256", "--batch-size", "8", "--eval-fraction", "0"]
+
+    def training_rows(*more: str):
+        args = train.resolve_args(train.parse_args("sft", stage_args("sft", *flags, *more)), "sft")
+        trainer = train.prepare(args, "sft").trainer
+        chat_start = trainer.processing_class.convert_tokens_to_ids("<|im_start|>")
+        rows = [tuple(row["input_ids"]) for row in trainer.train_dataset]
+        sft = Counter(row for row in rows if chat_start in row)
+        return trainer, sft, Counter(row for row in rows if chat_start not in row)
+
+    # 80 steps x 8 rows, half of them SFT: 320 SFT rows are 4 passes (rounded up) over the 91 conversations.
+    trainer, sft, blocks = training_rows("--out", str(tmp_path / "steps"), "--max-steps", "80")
+    assert len(sft) == 91 and set(sft.values()) == {4}
+    assert blocks.total() == 4 * 91
+    assert len(blocks) > 91 and max(blocks.values()) - min(blocks.values()) <= 1, blocks.most_common(3)
+    # --epochs counts passes over the SFT rows: the train set holds them twice, so Trainer goes over it once.
+    trainer, sft, blocks = training_rows("--out", str(tmp_path / "epochs"), "--epochs", "2")
+    assert set(sft.values()) == {2} and blocks.total() == 2 * 91 and set(blocks.values()) == {1}
+    assert trainer.args.num_train_epochs == 1
 
 
 def test_dpo_on_both_preference_files(pretrained, shared_data, tmp_path):
