@@ -6,7 +6,8 @@ No files and no network: the corpus is generated (minigpt.data.world), written t
 every stage runs through the same `minigpt pretrain` / `minigpt sft` code path a user would call. The score that
 matters is the accuracy on held-out questions: facts about people, places and things that appeared only in the
 pretraining text, never in SFT. The settings follow what made a ~4M-parameter model learn facts on 2 CPU cores:
-several differently phrased biographies per entity, answers without the name, pretraining text mixed into SFT.
+several differently phrased biographies per entity, question-and-answer passages about the SFT half among them,
+answers without the name, pretraining text mixed into SFT.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Plan:
 
     people: int  # world size; places and things scale with it
     bio_copies: int
+    faq_copies: int  # question-and-answer passages per fact of the SFT half in the pretraining text
     vocab_size: int
     model: dict  # MiniGPTConfig fields over the "quickstart" preset
     block_size: int
@@ -45,13 +47,14 @@ class Plan:
 DEFAULT = Plan(
     people=50,
     bio_copies=40,
+    faq_copies=10,
     vocab_size=3072,
     model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
     block_size=128,
     pretrain_steps=650,
     pretrain_batch=16,
     pretrain_lr=2e-3,
-    sft_steps=240,
+    sft_steps=160,  # 240 scored 1-2 points more on average but ran past 10 minutes on a slower 2-core CPU (README)
     sft_batch=32,
     sft_lr=1e-3,
     sft_neftune_alpha=8.0,  # held-out accuracy up on all three measured seeds (README)
@@ -62,6 +65,7 @@ DEFAULT = Plan(
 TINY = Plan(
     people=30,
     bio_copies=40,
+    faq_copies=10,
     vocab_size=800,
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
     block_size=128,
@@ -148,7 +152,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
 
     # 1. The world, written out as the files a user would bring.
     clock = time.monotonic()
-    world = build_world(seed=seed, size=plan.people, bio_copies=plan.bio_copies)
+    world = build_world(seed=seed, size=plan.people, bio_copies=plan.bio_copies, faq_copies=plan.faq_copies)
     texts = world.pretrain_texts()
     conversations = world.sft_conversations()
     heldout = world.heldout_questions()
@@ -157,7 +161,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     _write_jsonl(data / "preference.jsonl", world.preference_pairs())
     _write_jsonl(data / "heldout_questions.jsonl", heldout)
     print(
-        f"world: {len(world.entities)} people, places and things; {len(texts):,} biographies, "
+        f"world: {len(world.entities)} people, places and things; {len(texts):,} biographies and FAQ passages, "
         f"{len(conversations):,} SFT conversations, {len(heldout):,} held-out questions (in {data})"
     )
 

@@ -1,10 +1,11 @@
-"""The built-in world: deterministic, bilingual, each fact in several phrasings with the name in every sentence, answers
-without the name, held-out facts only in pretraining, and every question scorable by exactly one candidate."""
+"""The built-in world: deterministic, bilingual, each fact in several phrasings with the name in every sentence, FAQ
+passages about the SFT half only, answers without the name, held-out facts only in pretraining, and every question
+scorable by exactly one candidate."""
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -22,7 +23,7 @@ def sentences(text: str) -> list[str]:
 
 
 def biographies(texts: list[str], entity, language: str) -> list[str]:
-    """The pretraining documents about `entity`: every sentence names it (other bios may mention it once)."""
+    """The biographies of `entity`: every sentence names it (other bios may mention it once)."""
     name = entity.name(language)
     texts = [text for text in texts if (language == "en") == text.isascii() and name in text]
     return [text for text in texts if all(name in part for part in sentences(text))]
@@ -56,7 +57,7 @@ def test_names_are_unique_in_both_languages(world):
 
 def test_biographies_name_the_entity_in_every_sentence_and_vary_phrasing_and_order(world):
     templates_used = defaultdict(set)
-    texts = world.pretrain_texts()
+    texts = world.biographies()
     for entity in world.entities:
         for language in ("en", "zh"):
             bios = biographies(texts, entity, language)
@@ -76,6 +77,15 @@ def test_biographies_name_the_entity_in_every_sentence_and_vary_phrasing_and_ord
         assert len(used) >= 5, (attribute, language)  # of six phrasings
 
 
+def test_pretraining_text_is_the_biographies_and_faq_passages_about_the_sft_half(world):
+    texts, faq = world.pretrain_texts(), world.faq_passages()
+    assert Counter(texts) == Counter(world.biographies()) + Counter(faq)
+    assert texts[: len(faq)] != faq and texts[-len(faq) :] != faq  # mixed in, not a block at either end
+    sft_questions = [(question, answer) for _, _, _, question, answer, _ in world.questions(world.sft_entities)]
+    assert Counter(faq) == Counter({f"{question}\n{answer}": world.faq_copies for question, answer in sft_questions})
+    assert world.faq_copies > 1 and {"en", "zh"} == {"en" if text.isascii() else "zh" for text in faq}
+
+
 def test_held_out_facts_appear_only_in_pretraining(world):
     sft_text = "\n".join(message["content"] for conversation in world.sft_conversations() for message in conversation)
     pretrain_text = "\n".join(world.pretrain_texts())
@@ -84,6 +94,7 @@ def test_held_out_facts_appear_only_in_pretraining(world):
     sft_questions = {conversation[0]["content"] for conversation in world.sft_conversations()}
     for question in questions:
         assert question["question"] not in sft_questions
+        assert question["question"] not in pretrain_text  # the FAQ passages ask about the SFT half only
         assert question["entity"] in pretrain_text
         if question["attribute"] not in ("country", "famous for"):  # a held-out place may still be someone's birthplace
             assert question["entity"] not in sft_text

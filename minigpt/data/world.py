@@ -5,7 +5,10 @@ and writes it four ways, in English and Chinese:
 
 - pretraining text: several biographies per entity, each fact in one of six phrasings picked at random, the sentences
   shuffled per copy and the entity's full name in every sentence. That augmentation is what lets a small model *use*
-  a fact later instead of only reciting the one sentence it saw ("Physics of Language Models", part 3.1);
+  a fact later instead of only reciting the one sentence it saw ("Physics of Language Models", part 3.1). Beside the
+  biographies, a few question-and-answer passages about the `sft` half, as an FAQ page would have them: seeing
+  questions answered while it stores the facts is what makes a model answer questions about facts it only read
+  ("mixed training" in the same paper; measured in the README's quick-start section);
 - SFT conversations: one question per fact about the entities of the `sft` half, answered without repeating the
   name ("Born in Thorgrad."), which tiny models would otherwise miscopy;
 - preference pairs: the same questions, right answer (chosen) against another entity's value (rejected);
@@ -343,6 +346,7 @@ class World:
     sft_entities: list[Entity]
     heldout_entities: list[Entity]
     bio_copies: int
+    faq_copies: int
     candidates: dict[tuple[str, str], dict[str, list[str]]] = field(default_factory=dict)  # (kind, attr) -> lang ->
 
     def _attributes(self, entity: Entity) -> tuple[Attribute, ...]:
@@ -353,7 +357,22 @@ class World:
         return english if language == "en" else chinese
 
     def pretrain_texts(self) -> list[str]:
-        """Biographies: `bio_copies` per entity and language, phrasings and sentence order drawn afresh per copy."""
+        """The biographies and the FAQ passages, in random order."""
+        texts = self.biographies() + self.faq_passages()
+        random.Random(f"{self.seed}-faq").shuffle(texts)
+        return texts
+
+    def faq_passages(self) -> list[str]:
+        """`faq_copies` passages per fact of the SFT half: the SFT question, a newline, its answer. Questions about the
+        held-out half never appear, here or anywhere else in the training data."""
+        return [
+            f"{question}\n{answer}"
+            for _ in range(self.faq_copies)
+            for _, _, _, question, answer, _ in self.questions(self.sft_entities)
+        ]
+
+    def biographies(self) -> list[str]:
+        """`bio_copies` per entity and language, phrasings and sentence order drawn afresh per copy; shuffled."""
         rng = random.Random(f"{self.seed}-pretrain")
         texts = []
         for _ in range(self.bio_copies):
@@ -481,11 +500,12 @@ class _NameMaker:
         return self._fresh(make, is_answer)
 
 
-def build_world(seed: int = 0, size: int = 200, bio_copies: int = 40) -> World:
+def build_world(seed: int = 0, size: int = 200, bio_copies: int = 40, faq_copies: int = 10) -> World:
     """Invent a world with `size` people, `size // 5` places and `size // 5` things (at least 6 of each).
 
     Half of each kind (by a seeded shuffle) is the SFT half, the rest is held out. `bio_copies` is how many
-    differently phrased biographies each entity gets per language in the pretraining text."""
+    differently phrased biographies each entity gets per language in the pretraining text, `faq_copies` how many
+    question-and-answer passages each fact of the SFT half gets there."""
     if size < 2:
         raise ValueError(f"world size must be at least 2 people, got {size}")
     rng = random.Random(seed)
@@ -552,4 +572,4 @@ def build_world(seed: int = 0, size: int = 200, bio_copies: int = 40) -> World:
             for language, value in (("en", english), ("zh", chinese)):
                 if value not in pools[language]:
                     pools[language].append(value)
-    return World(seed, entities, sft_entities, heldout_entities, bio_copies, candidates)
+    return World(seed, entities, sft_entities, heldout_entities, bio_copies, faq_copies, candidates)
