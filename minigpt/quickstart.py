@@ -77,7 +77,7 @@ TINY = Plan(
     sft_lr=1e-3,
     sft_neftune_alpha=0.0,
     questions_per_language=40,
-    min_accuracy=0.1,  # about three times chance: it has learned some held-out facts, not most
+    min_accuracy=0.25,  # measured 50% / 42.5%; chance is about 10%: it has learned held-out facts, not most
 )
 
 

@@ -1,7 +1,7 @@
 """`minigpt quickstart`: from nothing to a chat model that answers questions about facts it saw only in pretraining.
 
-The --tiny run is the CI check (at most 2 minutes, a low, stated bar: TINY_MIN_ACCURACY per language); the default run is the
-headline (at most 10 minutes, at least 80% in English and in Chinese) and is marked slow."""
+The --tiny run is the CI check (at most 2 minutes, a low, stated bar: TINY.min_accuracy per language); the default
+run is the headline (at most 10 minutes, at least 80% in English and in Chinese) and is marked slow."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def run_quickstart_command(out: Path, *flags: str, timeout: int) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), result.stdout
 
 
-# The --tiny run (30 people, 2 layers, ~1 minute of training) checks the whole pipeline, not learning: measured in
-# CI it answered 7.5% (en) / 17.5% (zh) of its held-out questions, so its bar only catches a model that gets
-# nothing right. Learning is what the slow default run proves (>= 80% in each language).
-TINY_MIN_ACCURACY = 0.05
+# The --tiny run (30 people, 2 layers, ~1 minute of training) checks the whole pipeline and that it learns something:
+# it answered 50.0% (en) / 42.5% (zh) of its held-out questions (2026-11-26; 7.5% / 17.5% before the FAQ passages and
+# the fresh SFT mix), against roughly 1 in 10 by chance, so its bar (TINY.min_accuracy) leaves room for another CPU's
+# rounding. Learning most of the facts is what the slow default run proves (>= 80% in each language).
 
 
 def check_report(report: dict, plan: quickstart.Plan, max_seconds: float | None, min_accuracy: float) -> None:
@@ -58,7 +58,7 @@ def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_
     report, stdout = run_quickstart_command(out, "--tiny", timeout=600)
     # No wall-time bound here: on a shared CI core it measures the neighbours, not us. The --tiny run's time is
     # measured and reported from a quiet machine (closing note of issue 6).
-    check_report(report, quickstart.TINY, max_seconds=None, min_accuracy=TINY_MIN_ACCURACY)
+    check_report(report, quickstart.TINY, max_seconds=None, min_accuracy=quickstart.TINY.min_accuracy)
     assert report["plan"] == "tiny"
     # The corpus a user can read, the tokenizer and both models are in the folder.
     for name in ("data/pretrain.jsonl", "data/sft.jsonl", "data/heldout_questions.jsonl", "tokenizer/tokenizer.json"):
