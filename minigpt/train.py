@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "--mix-data",
             nargs="+",
             metavar="PATH",
-            help="pretraining text mixed into the SFT batches (keeps knowledge from pretraining answerable)",
+            help="pretraining text mixed into the SFT batches, other blocks on each pass over the SFT data (keeps "
+            "knowledge from pretraining answerable)",
         )
         mixing.add_argument("--mix-ratio", type=float, default=0.5, help="share of training rows from --mix-data")
         mixing.add_argument(
