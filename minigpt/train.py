@@ -414,8 +414,8 @@ def _sft_passes(args: argparse.Namespace, sft_rows: int, rows_per_step: int) -> 
 def _mix_pretraining(sft_train, args: argparse.Namespace, tokenizer, passes: int):
     """The SFT rows once per pass, each pass with its own packed pretraining blocks making up `--mix-ratio` of its
     rows; every block is used once before any repeats. Fresh blocks on each pass rather than the same few on every
-    pass: the quick start's 240 SFT steps are 11 passes over its SFT rows, and with the same blocks in each (a tenth
-    of its corpus) it answered fewer questions about facts seen only in pretraining (README, quick start)."""
+    pass: the quick start at 240 SFT steps (11 passes over its SFT rows), with the same blocks in each (a tenth of
+    its corpus), answered fewer questions about facts seen only in pretraining (README, quick start)."""
     import numpy as np
     from datasets import concatenate_datasets
 
