@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "demo": ["gradio>=6.31"],
-        "test": ["pytest>=8", "ruff>=0.6", "playwright>=1.50", "gradio>=6.31"],
+        "serve": ["transformers[serving]>=5.24"],
+        "test": ["pytest>=8", "ruff>=0.6", "playwright>=1.50", "gradio>=6.31", "transformers[serving]>=5.24"],
     },
     entry_points={"console_scripts": ["minigpt=minigpt.cli:main"]},
 )

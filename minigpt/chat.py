@@ -103,11 +103,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(
-    model_name: str, adapter: str | None = None, device: str | None = None, need_chat_template: bool = True
+    model_name: str,
+    adapter: str | None = None,
+    device: str | None = None,
+    need_chat_template: bool = True,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a folder or a Hub id, optionally with a LoRA adapter on top.
 
-    trust_remote_code=True so that any Hub model with its own modeling code works, ours included.
+    trust_remote_code=True so that any Hub model with its own modeling code works, ours included. `dtype` None:
+    float32 on CPU, the saved dtype elsewhere.
     """
     import minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 
@@ -118,7 +123,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # float32 on CPU: bf16 matmuls are slow there; on a GPU keep the dtype the weights were saved in.
-        dtype = torch.float32 if device == "cpu" else "auto"
+        dtype = dtype or (torch.float32 if device == "cpu" else "auto")
         model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, dtype=dtype).to(device)
     except OSError as error:
         where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else "cannot load"

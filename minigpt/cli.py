@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("minigpt.evaluate", "perplexity, bits per byte and held-out question accuracy"),
     "chat": ("minigpt.chat", "streaming chat in the terminal with any chat model"),
     "demo": ("minigpt.demo", "web chat demo (Gradio)"),
+    "serve": ("minigpt.serve", "OpenAI-compatible HTTP API for a model (transformers' own server)"),
     "export": ("minigpt.export", "write a folder ready to push as a Hugging Face Space"),
     "push": ("minigpt.export", "upload a model directory to the Hugging Face Hub"),
     "convert": ("minigpt.convert", "convert between MiniGPT and transformers' native GPT-2/Qwen2/Llama/Qwen3 classes"),
