@@ -40,6 +40,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def command_parser(command: str) -> tuple[object, argparse.ArgumentParser]:
+    """The module of `minigpt COMMAND` and its argument parser."""
+    module_name, description = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"minigpt {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    module.add_arguments(parser, command)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -56,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"minigpt: error: unknown command '{command}'{hint}; run 'minigpt --help' for the list", file=sys.stderr)
         return 2
-    module_name, description = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f"minigpt {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    module.add_arguments(parser, command)
+    module, parser = command_parser(command)
     args = parser.parse_args(rest)
     try:
         return int(module.run(args, command) or 0)
