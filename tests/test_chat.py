@@ -236,25 +236,35 @@ def test_works_with_transformers_own_qwen2_class(tiny_chat_model, tmp_path):
     assert reply == "The capital of Zembla is Onhava."
 
 
-def test_lora_adapter_is_applied_on_top_of_the_model(tiny_chat_model, loaded_chat_model, tmp_path):
-    """--adapter: the loaded model computes exactly what base + adapter compute in peft, and not what base does."""
+def save_random_lora_adapter(model_dir: Path, adapter_dir: Path):
+    """Save a LoRA adapter for the model in `model_dir` with random, non-zero weights (init_lora_weights=False, so
+    it visibly changes the output); returns base + adapter as peft computes them, the reference."""
     from peft import LoraConfig, get_peft_model
 
     from minigpt import MiniGPTForCausalLM
 
     torch.manual_seed(0)
-    # init_lora_weights=False: random, non-zero adapter weights, so the adapter visibly changes the output.
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    reference = get_peft_model(MiniGPTForCausalLM.from_pretrained(tiny_chat_model), config).eval()
-    reference.save_pretrained(tmp_path / "adapter")
+    reference = get_peft_model(MiniGPTForCausalLM.from_pretrained(model_dir), config).eval()
+    reference.save_pretrained(adapter_dir)
+    return reference
 
-    model, tokenizer = load_model(str(tiny_chat_model), adapter=str(tmp_path / "adapter"), device="cpu")
-    base, _ = loaded_chat_model
+
+def assert_computes_base_plus_adapter(model, reference, loaded_base) -> None:
+    """`model` computes what `reference` (base + adapter in peft) computes, and not what the base model does."""
+    base, tokenizer = loaded_base
     input_ids = tokenizer("What is the capital of Zembla?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
         torch.testing.assert_close(logits, reference(input_ids=input_ids).logits)
         assert not torch.allclose(logits, base(input_ids=input_ids).logits, atol=1e-3)
+
+
+def test_lora_adapter_is_applied_on_top_of_the_model(tiny_chat_model, loaded_chat_model, tmp_path):
+    """--adapter: the loaded model computes exactly what base + adapter compute in peft, and not what base does."""
+    reference = save_random_lora_adapter(tiny_chat_model, tmp_path / "adapter")
+    model, _ = load_model(str(tiny_chat_model), adapter=str(tmp_path / "adapter"), device="cpu")
+    assert_computes_base_plus_adapter(model, reference, loaded_chat_model)
 
 
 def test_long_history_drops_oldest_turns_but_keeps_system_and_last_message(loaded_chat_model):

@@ -13,7 +13,15 @@ import time
 import urllib.request
 
 import pytest
-from test_chat import CONVERSATIONS, PROJECT_ROOT, STORY, loaded_chat_model, tiny_chat_model  # noqa: F401
+from test_chat import (  # noqa: F401
+    CONVERSATIONS,
+    PROJECT_ROOT,
+    STORY,
+    assert_computes_base_plus_adapter,
+    loaded_chat_model,
+    save_random_lora_adapter,
+    tiny_chat_model,
+)
 from test_demo import free_port, stop_server
 
 from minigpt.chat import chat_reply, complete_text
@@ -162,25 +170,12 @@ def test_unservable_config_and_busy_port_are_refused_in_one_line(tmp_path, tiny_
 
 def test_adapter_is_merged_into_the_served_copy(tiny_chat_model, loaded_chat_model, tmp_path):  # noqa: F811
     """--adapter: the copy the server loads (transformers' own class, no peft) computes what base + adapter compute."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
 
-    from minigpt import MiniGPTForCausalLM
     from minigpt.serve import write_servable_model
 
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # non-zero adapter
-    reference = get_peft_model(MiniGPTForCausalLM.from_pretrained(tiny_chat_model), config).eval()
-    reference.save_pretrained(tmp_path / "adapter")
-
-    assert (
-        write_servable_model(str(tiny_chat_model), str(tmp_path / "adapter"), tmp_path / "served") == "Qwen2ForCausalLM"
-    )
+    reference = save_random_lora_adapter(tiny_chat_model, tmp_path / "adapter")
+    class_name = write_servable_model(str(tiny_chat_model), str(tmp_path / "adapter"), tmp_path / "served")
+    assert class_name == "Qwen2ForCausalLM"
     served = Qwen2ForCausalLM.from_pretrained(tmp_path / "served").eval()
-    base, tokenizer = loaded_chat_model
-    input_ids = tokenizer("What is the capital of Zembla?", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = served(input_ids=input_ids).logits
-        torch.testing.assert_close(logits, reference(input_ids=input_ids).logits)
-        assert not torch.allclose(logits, base(input_ids=input_ids).logits, atol=1e-3)
+    assert_computes_base_plus_adapter(served, reference, loaded_chat_model)
