@@ -69,3 +69,11 @@ def test_every_command_named_in_the_text_exists(readme: str) -> None:
     named = set(re.findall(r"`minigpt ([a-z][a-z-]*)", text))
     assert named, "no `minigpt COMMAND` found"
     assert named <= set(COMMANDS), named - set(COMMANDS)
+
+
+@pytest.mark.parametrize("readme", (*READMES, "docs/quickstart-experiments.md"))
+def test_relative_links_point_to_files_that_exist(readme: str) -> None:
+    path = PROJECT_ROOT / readme
+    targets = re.findall(r"\]\(([^)#:]+)\)", path.read_text(encoding="utf-8"))  # [text](target), no URLs
+    missing = [target for target in targets if not (path.parent / target).exists()]
+    assert not missing, missing
