@@ -33,6 +33,9 @@ from .errors import MiniGPTError, located
 # `<|endoftext|>` would otherwise talk on past its turn (ChatML, Llama 3, Gemma, Phi).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
+# A model folder holds its tokenizer's vocabulary in one of these (fast tokenizer, BPE, WordPiece, sentencepiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
 CHAT_HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /quit"
 )
@@ -119,15 +122,28 @@ def load_model(
     path = Path(model_name)
     if path.exists() and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise MiniGPTError(
+            located(path, "no tokenizer (no tokenizer.json); save it beside the model with tokenizer.save_pretrained")
+        )
+
+    def cannot_load(part: str, error: Exception) -> MiniGPTError:
+        # OSError: missing or unreadable files; ValueError: files transformers cannot make a tokenizer or model of
+        # (no tokenizer files, an unknown model_type, an impossible config value).
+        where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else f"{part}"
+        return MiniGPTError(located(model_name, f"{where}: {_first_line(error)}"))
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # float32 on CPU: bf16 matmuls are slow there; on a GPU keep the dtype the weights were saved in.
-        dtype = dtype or (torch.float32 if device == "cpu" else "auto")
+    except (OSError, ValueError) as error:
+        raise cannot_load("cannot load the tokenizer", error) from error
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # float32 on CPU: bf16 matmuls are slow there; on a GPU keep the dtype the weights were saved in.
+    dtype = dtype or (torch.float32 if device == "cpu" else "auto")
+    try:
         model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, dtype=dtype).to(device)
-    except OSError as error:
-        where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else "cannot load"
-        raise MiniGPTError(located(model_name, f"{where}: {_first_line(error)}")) from error
+    except (OSError, ValueError) as error:
+        raise cannot_load("cannot load the model", error) from error
     if adapter is not None:
         model = _apply_adapter(model, adapter)
     if need_chat_template and not tokenizer.chat_template:

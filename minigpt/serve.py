@@ -58,8 +58,8 @@ def write_servable_model(model_name: str, adapter: str | None, folder: Path) -> 
         config = transformers.AutoConfig.from_pretrained(model_name, trust_remote_code=True)
         if isinstance(config, MiniGPTConfig):
             native_architecture(config)
-    except OSError:
-        pass  # load_model says what is wrong with the folder or the Hub id
+    except (OSError, ValueError):
+        pass  # load_model says what is wrong with the folder, the Hub id or the config
     except MiniGPTError as error:
         raise MiniGPTError(located(model_name, f"cannot be served by transformers' server: {error}")) from None
     model, tokenizer = load_model(model_name, adapter, device="cpu", need_chat_template=False, dtype="auto")

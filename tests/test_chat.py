@@ -294,3 +294,29 @@ def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_chat_model), "--top-p", "0", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == "minigpt chat: error: --top-p must be in (0, 1]\n"
+
+
+@pytest.mark.parametrize(
+    "left_out, config_change, expected",
+    [
+        ("tokenizer.json", {}, "no tokenizer (no tokenizer.json)"),
+        ("model.safetensors", {}, "cannot load the model: Error no file named model.safetensors"),
+        (None, {"model_type": "nosuchmodel", "auto_map": {}}, "cannot load the model: The checkpoint you are trying"),
+    ],
+)
+def test_incomplete_model_folder_is_one_line_naming_what_is_missing(
+    tiny_chat_model, tmp_path, capsys, left_out, config_change, expected
+):
+    """A folder transformers cannot make a tokenizer or a model of: one line and exit code 2, not a traceback."""
+    import json
+    import shutil
+
+    from minigpt.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, folder, ignore=shutil.ignore_patterns(left_out or "-", "checkpoints", "runs"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_change}))
+    assert main(["chat", "--model", str(folder), "--prompt", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"minigpt chat: error: {folder}: {expected}") and error.count("\n") == 1, error
