@@ -27,14 +27,12 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, first_line, located
+from .tokenization import require_tokenizer
 
 # Tokens that end an assistant turn in common chat templates; a model whose generation config names only
 # `<|endoftext|>` would otherwise talk on past its turn (ChatML, Llama 3, Gemma, Phi).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-
-# A model folder holds its tokenizer's vocabulary in one of these (fast tokenizer, BPE, WordPiece, sentencepiece).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 
 CHAT_HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /quit"
@@ -122,16 +120,13 @@ def load_model(
     path = Path(model_name)
     if path.exists() and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
-    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
-        raise MiniGPTError(
-            located(path, "no tokenizer (no tokenizer.json); save it beside the model with tokenizer.save_pretrained")
-        )
+    require_tokenizer(path)
 
     def cannot_load(part: str, error: Exception) -> MiniGPTError:
         # OSError: missing or unreadable files; ValueError: files transformers cannot make a tokenizer or model of
         # (no tokenizer files, an unknown model_type, an impossible config value).
-        where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else f"{part}"
-        return MiniGPTError(located(model_name, f"{where}: {_first_line(error)}"))
+        where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else part
+        return MiniGPTError(located(model_name, f"{where}: {first_line(error)}"))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
@@ -174,11 +169,6 @@ def _end_turns_at_end_of_turn_tokens(model: PreTrainedModel, tokenizer: PreTrain
     config.eos_token_id = eos_ids or None
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [None])[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def context_length(model: PreTrainedModel) -> int | None:

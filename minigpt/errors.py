@@ -22,3 +22,9 @@ def located(path: str | os.PathLike | None, message: str, line: int | None = Non
     if field:
         prefix += f"field '{field}': "
     return prefix + message
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (some run to a dozen lines), for a one-line MiniGPTError."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

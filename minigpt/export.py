@@ -21,7 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, first_line, located
+from .tokenization import require_tokenizer
 
 if TYPE_CHECKING:
     from .chat import Sampling
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 # What a model folder needs at inference time; training leftovers (optimizer state, checkpoints, logs) stay behind.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".py", ".jinja", ".model", ".txt", ".tiktoken")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # as save_pretrained writes them, sharded or not
 TRAINING_LEFTOVERS = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -57,12 +59,20 @@ def _check_model_folder(path: Path) -> None:
     """Fail now, not on the Space: the folder must hold a model and a tokenizer with a chat template."""
     if not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
-    from transformers import AutoTokenizer
+    if not any(file for pattern in WEIGHT_FILES for file in path.glob(pattern)):
+        raise MiniGPTError(located(path, "no weights (no model.safetensors): the Space would have nothing to load"))
+    require_tokenizer(path)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # e.g. a model type transformers does not know and no auto_map
+        raise MiniGPTError(located(path / "config.json", first_line(error))) from error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     except (OSError, ValueError) as error:
-        raise MiniGPTError(located(path, f"no usable tokenizer: {error}")) from error
+        raise MiniGPTError(located(path, f"no usable tokenizer: {first_line(error)}")) from error
     if not tokenizer.chat_template:
         raise MiniGPTError(
             located(path, "the tokenizer has no chat template; export a chat model (after `minigpt sft`)")

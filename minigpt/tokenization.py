@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import MiniGPTError
+from .errors import MiniGPTError, located
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -46,6 +46,20 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# A folder holds a tokenizer transformers can load when it has its vocabulary in one of these (a fast tokenizer's
+# tokenizer.json, BPE or WordPiece vocabularies, sentencepiece models).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def require_tokenizer(folder: str | os.PathLike, flag: str | None = None) -> None:
+    """A local folder without tokenizer files is a one-line error (transformers raises a dozen-line ValueError about
+    sentencepiece); Hub ids and folders that have the files pass."""
+    path = Path(folder)
+    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        message = "no tokenizer (no tokenizer.json); save it beside the model with tokenizer.save_pretrained"
+        raise MiniGPTError(located(path, f"{flag}: {message}" if flag else message))
+
 
 # Each Han character becomes its own piece before BPE. Byte-level BPE on a small Chinese corpus otherwise learns
 # merges that fuse a frequent character with the first byte of the next one, and those tokens generalise badly.

@@ -13,6 +13,7 @@ any flag. The output directory is a Hugging Face model repo (see `save_model_rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, first_line, located
+from .tokenization import require_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 # Checkpoints are written here first and moved to checkpoints/checkpoint-N when complete: a save killed half-way
@@ -268,6 +270,7 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
     for folder, flag in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
         if folder and not Path(folder).is_dir():
             raise MiniGPTError(located(folder, f"{flag}: no such folder"))
+    require_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     if args.merge and not args.lora:
         raise MiniGPTError("--merge merges a LoRA adapter: pass --lora too")
     if stage.name == "sft" and not 0 <= args.mix_ratio < 1:
@@ -333,20 +336,33 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+@contextlib.contextmanager
+def _one_line_errors(folder: str, what: str):
+    """A folder transformers cannot load (missing weights, an unknown model type, an impossible config value) as a
+    one-line MiniGPTError instead of from_pretrained's OSError or ValueError traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise MiniGPTError(located(folder, f"{what}: {first_line(error)}")) from error
+
+
 def load_model_and_tokenizer(args: argparse.Namespace, stage: Stage):
     """The model to train and its tokenizer: a new model from a preset (pretraining) or a trained one from --model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from . import MiniGPTConfig, MiniGPTForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer_folder, flag = (args.tokenizer, "--tokenizer") if args.tokenizer else (args.model, "--model")
+    with _one_line_errors(tokenizer_folder, f"{flag}: cannot load the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if args.model:
-        if (Path(args.model) / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+        with _one_line_errors(args.model, "--model: cannot load the model"):
+            if (Path(args.model) / "adapter_config.json").is_file():
+                from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+                model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).merge_and_unload()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:
         overrides = {
             "vocab_size": len(tokenizer),

@@ -300,14 +300,15 @@ def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
     "left_out, config_change, expected",
     [
         ("tokenizer.json", {}, "no tokenizer (no tokenizer.json)"),
-        ("model.safetensors", {}, "cannot load the model: Error no file named model.safetensors"),
-        (None, {"model_type": "nosuchmodel", "auto_map": {}}, "cannot load the model: The checkpoint you are trying"),
+        ("model.safetensors", {}, "model.safetensors"),
+        (None, {"model_type": "nosuchmodel", "auto_map": {}}, "has model type `nosuchmodel`"),
     ],
 )
-def test_incomplete_model_folder_is_one_line_naming_what_is_missing(
+def test_incomplete_model_folder_is_a_one_line_error_in_chat_sft_and_export(
     tiny_chat_model, tmp_path, capsys, left_out, config_change, expected
 ):
-    """A folder transformers cannot make a tokenizer or a model of: one line and exit code 2, not a traceback."""
+    """A folder transformers cannot make a tokenizer or a model of: one line and exit code 2, not a traceback (it
+    was a ValueError traceback for the first and last case), and for export no Space folder written."""
     import json
     import shutil
 
@@ -317,6 +318,16 @@ def test_incomplete_model_folder_is_one_line_naming_what_is_missing(
     shutil.copytree(tiny_chat_model, folder, ignore=shutil.ignore_patterns(left_out or "-", "checkpoints", "runs"))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **config_change}))
-    assert main(["chat", "--model", str(folder), "--prompt", "hi"]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith(f"minigpt chat: error: {folder}: {expected}") and error.count("\n") == 1, error
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": conversation_messages()[0]}) + "\n")
+    commands = {
+        "chat": ["--prompt", "hi"],
+        "sft": ["--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "1"],
+        "export": ["--space", str(tmp_path / "space")],
+    }
+    for command, rest in commands.items():
+        assert main([command, "--model", str(folder), *rest]) == 2, command
+        error = capsys.readouterr().err
+        assert error.startswith(f"minigpt {command}: error: {folder}") and error.count("\n") == 1, error
+        assert expected in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "sft.jsonl"]
