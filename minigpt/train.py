@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,36 @@ def apply_config(args: argparse.Namespace, command: str) -> argparse.Namespace:
     return args
 
 
+# Numeric flags and the values that make sense (a negative learning rate reached the optimizer as a traceback, zero
+# epochs "trained" and saved an untouched model). Optional flags left unset (None) are not checked.
+NUMBER_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("lr", lambda v: v > 0, "above 0"),
+    ("epochs", lambda v: v > 0, "above 0"),
+    ("max_minutes", lambda v: v > 0, "above 0"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("grad_accum", lambda v: v >= 1, "at least 1"),
+    ("save_steps", lambda v: v >= 0, "0 (never) or more"),
+    ("save_total_limit", lambda v: v >= 1, "at least 1"),
+    ("logging_steps", lambda v: v >= 1, "at least 1"),
+    ("eval_steps", lambda v: v > 0, "above 0"),
+    ("eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("warmup", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("block_size", lambda v: v >= 2, "at least 2"),
+    ("stride", lambda v: v >= 1, "at least 1"),
+    ("max_length", lambda v: v >= 2, "at least 2"),
+    ("mix_block_size", lambda v: v >= 2, "at least 2"),
+    ("mix_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("neftune_alpha", lambda v: v >= 0, "0 (off) or more"),
+    ("beta", lambda v: v > 0, "above 0"),
+    ("lora_rank", lambda v: v >= 1, "at least 1"),
+    ("lora_alpha", lambda v: v > 0, "above 0"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+
+
 def _check_args(args: argparse.Namespace, stage: Stage) -> None:
     if not args.data:
         raise MiniGPTError("--data is required (as a flag or a 'data' key in --config)")
@@ -270,14 +301,13 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
     for folder, flag in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
         if folder and not Path(folder).is_dir():
             raise MiniGPTError(located(folder, f"{flag}: no such folder"))
-    require_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     if args.merge and not args.lora:
         raise MiniGPTError("--merge merges a LoRA adapter: pass --lora too")
-    if stage.name == "sft" and not 0 <= args.mix_ratio < 1:
-        raise MiniGPTError(f"--mix-ratio must be in [0, 1), got {args.mix_ratio}")
-    for flag in ("batch_size", "grad_accum"):
-        if getattr(args, flag) < 1:
-            raise MiniGPTError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, allowed, rule in NUMBER_RULES:
+        value = getattr(args, flag, None)  # flags of other stages are absent; optional ones are None
+        if value is not None and not allowed(value):
+            raise MiniGPTError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
+    require_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
 
 
 # --- precision -------------------------------------------------------------------------------------------------------

@@ -432,6 +432,11 @@ def test_yaml_config_mistakes_name_file_line_and_field(tmp_path, text, message):
         ("dpo", ["--model", "m", "--out", "o"], "--data is required"),
         ("sft", ["--model", "no-such-dir", "--data", "x", "--out", "o"], "no-such-dir: --model: no such folder"),
         ("sft", ["--model", ".", "--data", "x", "--out", "o", "--merge"], "--merge merges a LoRA adapter"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o", "--lr", "-1"], "--lr must be above 0, got -1.0"),
+        ("dpo", ["--model", ".", "--data", "x", "--out", "o", "--epochs", "0"], "--epochs must be above 0, got 0.0"),
+        ("pretrain", ["--tokenizer", ".", "--data", "x", "--out", "o", "--block-size", "1"], "--block-size must be at"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o", "--mix-ratio", "1"], "--mix-ratio must be in [0, 1)"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o"], ".: --model: no tokenizer (no tokenizer.json)"),
     ],
 )
 def test_stage_argument_mistakes_are_user_errors(command, argv, message):
