@@ -97,6 +97,14 @@ def sampling_from_args(args: argparse.Namespace) -> Sampling:
     return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
 
 
+def port_number(text: str) -> int:
+    """argparse type of --port: a TCP port a server can listen on."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give 1-65535")
+    return port
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (save_pretrained layout) or Hugging Face Hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (peft) to apply on top of --model")

@@ -22,6 +22,7 @@ from .chat import (
     context_length,
     count_parameters,
     load_model,
+    port_number,
     sampling_from_args,
     stream_reply,
 )
@@ -177,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 makes the demo reachable by others"
     )
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=4, help="replies generated at the same time")
     parser.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are turned away")

@@ -50,6 +50,14 @@ PROMPTS = [
 ]
 
 
+def check_window(max_length: int | None, stride: int | None) -> None:
+    """--max-length and --stride of the perplexity window (0 or None: the default)."""
+    if max_length and max_length < 2:
+        raise MiniGPTError(f"--max-length: the window must be at least 2 tokens, got {max_length}")
+    if stride and stride < 1:
+        raise MiniGPTError(f"--stride must be at least 1 token, got {stride}")
+
+
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,10 +71,9 @@ def perplexity(
     bits per byte covers every byte. Returns `perplexity`, `bits_per_byte`, `nll` (total, nats), `tokens`, `bytes`.
     """
     max_length = max_length or context_length(model) or 1024
+    check_window(max_length, stride)
     # stride < max_length so each window's first new token still has context inside the window.
     stride = min(stride or max_length // 2, max_length - 1)
-    if stride < 1:
-        raise MiniGPTError(f"the window ({max_length} tokens) must be at least 2 tokens")
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prefix = [start_token] if start_token is not None else []
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
@@ -249,6 +256,7 @@ def _heldout_questions(seed: int, size: int | None) -> list[dict]:
 
 def run(args: argparse.Namespace, command: str) -> int:
     sampling = sampling_from_args(args)
+    check_window(args.max_length, args.stride)  # before the model loads
     texts = read_texts(args.text)
     questions = read_questions(args.questions) if args.questions else None
     model, tokenizer = load_model(args.model, args.adapter, args.device, need_chat_template=False)

@@ -140,6 +140,8 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     from .evaluate import question_accuracy
     from .tokenization import build_tokenizer_from_texts, save_tokenizer
 
+    if out.exists() and not out.is_dir():
+        raise MiniGPTError(f"{out}: is a file; --out names a folder for the data, models and report")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES) if out.is_dir() else []
     if foreign:
         raise MiniGPTError(

@@ -26,7 +26,7 @@ from .errors import MiniGPTError, located
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from .chat import add_model_arguments
+    from .chat import add_model_arguments, port_number
 
     add_model_arguments(parser)
     parser.add_argument(
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 makes the API reachable by others"
     )
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     parser.add_argument(
         "--dtype",
         default="auto",

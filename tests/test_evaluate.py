@@ -164,3 +164,7 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_chat_model, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"minigpt eval: error: {questions}:2: field 'answer': missing or not a non-empty string\n"
     )
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time.\n", encoding="utf-8")
+    assert main(["eval", "--model", str(tiny_chat_model), "--text", str(text), "--stride", "-5"]) == 2
+    assert capsys.readouterr().err == "minigpt eval: error: --stride must be at least 1 token, got -5\n"

@@ -80,6 +80,9 @@ def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(MiniGPTError, match="holds files a quick start did not write"):
         quickstart.run(args, "quickstart")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    args = quickstart.build_parser().parse_args(["--out", str(tmp_path / "notes.txt"), "--tiny"])
+    with pytest.raises(MiniGPTError, match="notes.txt: is a file; --out names a folder"):
+        quickstart.run(args, "quickstart")
 
 
 @pytest.mark.slow

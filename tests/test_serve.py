@@ -166,6 +166,9 @@ def test_unservable_config_and_busy_port_are_refused_in_one_line(tmp_path, tiny_
     assert capsys.readouterr().err.strip() == (
         f"minigpt serve: error: 127.0.0.1:{port}: cannot listen there (Address already in use); choose another --port"
     )
+    with pytest.raises(SystemExit):  # argparse's own usage error, as for any malformed flag
+        main(["serve", "--model", str(tiny_chat_model), "--port", "70000"])
+    assert "argument --port: 70000 is not a port: give 1-65535" in capsys.readouterr().err
 
 
 def test_adapter_is_merged_into_the_served_copy(tiny_chat_model, loaded_chat_model, tmp_path):  # noqa: F811
