@@ -162,7 +162,14 @@ def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
         raise MiniGPTError(located(adapter, "not a LoRA adapter folder: no adapter_config.json"))
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as error:  # load_state_dict's list of every mismatched weight, one per line
+        if "size mismatch" not in str(error):
+            raise
+        mismatch = next(line.strip() for line in str(error).splitlines() if "size mismatch" in line)
+        message = f"was trained on a base model of another shape than --model ({mismatch})"
+        raise MiniGPTError(located(adapter, message)) from error
 
 
 def _end_turns_at_end_of_turn_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

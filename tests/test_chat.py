@@ -331,3 +331,23 @@ def test_incomplete_model_folder_is_a_one_line_error_in_chat_sft_and_export(
         assert error.startswith(f"minigpt {command}: error: {folder}") and error.count("\n") == 1, error
         assert expected in error, error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "sft.jsonl"]
+
+
+def test_adapter_of_another_base_shape_is_one_line(tiny_chat_model, tmp_path, capsys):
+    """peft lists every mismatched weight in a RuntimeError; the command says it in one line."""
+    from peft import LoraConfig, get_peft_model
+
+    from minigpt import MiniGPTConfig, MiniGPTForCausalLM
+    from minigpt.cli import main
+
+    other = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny-qwen", hidden_size=32, num_attention_heads=2))
+    get_peft_model(other, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "adapter")
+    assert (
+        main(["chat", "--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"]) == 2
+    )
+    error = capsys.readouterr().err  # after the base model's loading bar
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(
+        f"minigpt chat: error: {tmp_path / 'adapter'}: was trained on a base model of another shape than --model "
+        "(size mismatch for base_model.model.model.layers.0."
+    )
