@@ -140,12 +140,14 @@ def run(args: argparse.Namespace, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="minigpt-serve-") as workdir:
         print(f"minigpt serve: preparing {args.model}{f' with {args.adapter}' if args.adapter else ''} ...")
         class_name = write_servable_model(args.model, args.adapter, Path(workdir) / name)
-        if not (Path(workdir) / name / "chat_template.jinja").is_file():
+        chat = (Path(workdir) / name / "chat_template.jinja").is_file()
+        if not chat:
             print("minigpt serve: the tokenizer has no chat template, so only /v1/completions (plain text) answers")
         url = f"http://{args.host}:{args.port}/v1"
+        endpoints = "POST /chat/completions, /completions" if chat else "POST /completions"
         print(
             f"minigpt serve: {args.model} as {class_name}, model name '{name}', OpenAI API at {url} "
-            f"(POST /chat/completions, /completions; GET /models); Ctrl-C stops"
+            f"({endpoints}; GET /models); Ctrl-C stops"
         )
         # The server resolves the model name as a path from its working folder: clients send the short name.
         server = [sys.executable, "-m", "transformers.cli.transformers", "serve", name]

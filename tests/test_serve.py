@@ -71,8 +71,10 @@ def conversation_request(conversation: list[tuple[str, str]]) -> tuple[list[dict
 
 
 def test_the_served_model_is_the_native_copy_under_the_given_name(server):
-    _, client, temporary, _ = server
+    _, client, temporary, log_path = server
     assert [model.id for model in client.models.list()] == [NAME]
+    assert "model name 'tiny-chat', OpenAI API at http://127.0.0.1:" in log_path.read_text()
+    assert "(POST /chat/completions, /completions; GET /models)" in log_path.read_text()
     (copy,) = temporary.glob(f"minigpt-serve-*/{NAME}")
     config = json.loads((copy / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]  # no remote code: transformers' own class
