@@ -27,7 +27,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .errors import MiniGPTError, first_line, located
+from .errors import MiniGPTError, located, one_line_errors
 from .tokenization import require_tokenizer
 
 # Tokens that end an assistant turn in common chat templates; a model whose generation config names only
@@ -129,24 +129,14 @@ def load_model(
     if path.exists() and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
     require_tokenizer(path)
-
-    def cannot_load(part: str, error: Exception) -> MiniGPTError:
-        # OSError: missing or unreadable files; ValueError: files transformers cannot make a tokenizer or model of
-        # (no tokenizer files, an unknown model_type, an impossible config value).
-        where = "no such folder, and not loadable from the Hugging Face Hub" if not path.exists() else part
-        return MiniGPTError(located(model_name, f"{where}: {first_line(error)}"))
-
-    try:
+    not_found = "no such folder, and not loadable from the Hugging Face Hub"
+    with one_line_errors(model_name, "cannot load the tokenizer" if path.exists() else not_found):
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise cannot_load("cannot load the tokenizer", error) from error
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # float32 on CPU: bf16 matmuls are slow there; on a GPU keep the dtype the weights were saved in.
     dtype = dtype or (torch.float32 if device == "cpu" else "auto")
-    try:
+    with one_line_errors(model_name, "cannot load the model" if path.exists() else not_found):
         model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, dtype=dtype).to(device)
-    except (OSError, ValueError) as error:
-        raise cannot_load("cannot load the model", error) from error
     if adapter is not None:
         model = _apply_adapter(model, adapter)
     if need_chat_template and not tokenizer.chat_template:

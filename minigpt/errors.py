@@ -6,7 +6,9 @@ The CLI prints its message as a single line and exits non-zero, so the message m
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class MiniGPTError(Exception):
@@ -28,3 +30,13 @@ def first_line(error: BaseException) -> str:
     """The first line of a library's error message (some run to a dozen lines), for a one-line MiniGPTError."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors(where: str | os.PathLike, what: str | None = None) -> Iterator[None]:
+    """Turn a library's OSError or ValueError while reading `where` (missing files, a model type transformers does
+    not know, an impossible config value) into a one-line MiniGPTError: `where: what: the first line of its message`."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise MiniGPTError(located(where, f"{what}: {first_line(error)}" if what else first_line(error))) from error

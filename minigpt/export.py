@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MiniGPTError, first_line, located
+from .errors import MiniGPTError, located, one_line_errors
 from .tokenization import require_tokenizer
 
 if TYPE_CHECKING:
@@ -64,15 +64,10 @@ def _check_model_folder(path: Path) -> None:
     require_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer
 
-    try:
+    with one_line_errors(path / "config.json"):  # e.g. a model type transformers does not know and no auto_map
         AutoConfig.from_pretrained(path, trust_remote_code=True)
-    except (OSError, ValueError) as error:  # e.g. a model type transformers does not know and no auto_map
-        raise MiniGPTError(located(path / "config.json", first_line(error))) from error
-
-    try:
+    with one_line_errors(path, "no usable tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise MiniGPTError(located(path, f"no usable tokenizer: {first_line(error)}")) from error
     if not tokenizer.chat_template:
         raise MiniGPTError(
             located(path, "the tokenizer has no chat template; export a chat model (after `minigpt sft`)")

@@ -13,7 +13,6 @@ any flag. The output directory is a Hugging Face model repo (see `save_model_rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import MiniGPTError, first_line, located
+from .errors import MiniGPTError, located, one_line_errors
 from .tokenization import require_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -366,16 +365,6 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-@contextlib.contextmanager
-def _one_line_errors(folder: str, what: str):
-    """A folder transformers cannot load (missing weights, an unknown model type, an impossible config value) as a
-    one-line MiniGPTError instead of from_pretrained's OSError or ValueError traceback."""
-    try:
-        yield
-    except (OSError, ValueError) as error:
-        raise MiniGPTError(located(folder, f"{what}: {first_line(error)}")) from error
-
-
 def load_model_and_tokenizer(args: argparse.Namespace, stage: Stage):
     """The model to train and its tokenizer: a new model from a preset (pretraining) or a trained one from --model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -383,10 +372,10 @@ def load_model_and_tokenizer(args: argparse.Namespace, stage: Stage):
     from . import MiniGPTConfig, MiniGPTForCausalLM
 
     tokenizer_folder, flag = (args.tokenizer, "--tokenizer") if args.tokenizer else (args.model, "--model")
-    with _one_line_errors(tokenizer_folder, f"{flag}: cannot load the tokenizer"):
+    with one_line_errors(tokenizer_folder, f"{flag}: cannot load the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if args.model:
-        with _one_line_errors(args.model, "--model: cannot load the model"):
+        with one_line_errors(args.model, "--model: cannot load the model"):
             if (Path(args.model) / "adapter_config.json").is_file():
                 from peft import AutoPeftModelForCausalLM
 
