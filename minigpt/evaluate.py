@@ -51,10 +51,10 @@ PROMPTS = [
 
 
 def check_window(max_length: int | None, stride: int | None) -> None:
-    """--max-length and --stride of the perplexity window (0 or None: the default)."""
-    if max_length and max_length < 2:
+    """--max-length and --stride of the perplexity window (None: the default), with training's bounds."""
+    if max_length is not None and max_length < 2:
         raise MiniGPTError(f"--max-length: the window must be at least 2 tokens, got {max_length}")
-    if stride and stride < 1:
+    if stride is not None and stride < 1:
         raise MiniGPTError(f"--stride must be at least 1 token, got {stride}")
 
 
@@ -70,10 +70,11 @@ def perplexity(
     Each text is preceded by the tokenizer's BOS (or EOS) token as context, so its first real token is scored too and
     bits per byte covers every byte. Returns `perplexity`, `bits_per_byte`, `nll` (total, nats), `tokens`, `bytes`.
     """
-    max_length = max_length or context_length(model) or 1024
     check_window(max_length, stride)
+    if max_length is None:
+        max_length = context_length(model) or 1024
     # stride < max_length so each window's first new token still has context inside the window.
-    stride = min(stride or max_length // 2, max_length - 1)
+    stride = min(stride if stride is not None else max_length // 2, max_length - 1)
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prefix = [start_token] if start_token is not None else []
     total_nll, total_tokens, total_bytes = 0.0, 0, 0

@@ -168,3 +168,6 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_chat_model, tmp_path, capsys):
     text.write_text("Once upon a time.\n", encoding="utf-8")
     assert main(["eval", "--model", str(tiny_chat_model), "--text", str(text), "--stride", "-5"]) == 2
     assert capsys.readouterr().err == "minigpt eval: error: --stride must be at least 1 token, got -5\n"
+    # 0 is refused as training refuses it, not read as "the default"
+    assert main(["eval", "--model", str(tiny_chat_model), "--text", str(text), "--max-length", "0"]) == 2
+    assert capsys.readouterr().err == "minigpt eval: error: --max-length: the window must be at least 2 tokens, got 0\n"
