@@ -15,7 +15,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -77,16 +77,20 @@ def perplexity(
     stride = min(stride if stride is not None else max_length // 2, max_length - 1)
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prefix = [start_token] if start_token is not None else []
-    total_nll, total_tokens, total_bytes = 0.0, 0, 0
-    texts = list(texts)
-    for text in tqdm(texts, desc="perplexity", unit="text", disable=len(texts) < 2):
+    scored = []  # (text, ids) of the texts with at least one token to score
+    for text in texts:
         ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < 2:
-            continue
-        nll, tokens = _sliding_window_nll(model, torch.tensor(ids), stride, max_length)
-        total_nll += nll
-        total_tokens += tokens
-        total_bytes += len(text.encode("utf-8"))
+        if len(ids) >= 2:
+            scored.append((text, ids))
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    to_score = sum(len(ids) - 1 for _, ids in scored)
+    # The bar counts tokens, so one long file shows progress too; it stays hidden when one window does it all.
+    with tqdm(total=to_score, desc="perplexity", unit="tok", unit_scale=True, disable=to_score < max_length) as bar:
+        for text, ids in scored:
+            nll, tokens = _sliding_window_nll(model, torch.tensor(ids), stride, max_length, bar.update)
+            total_nll += nll
+            total_tokens += tokens
+            total_bytes += len(text.encode("utf-8"))
     if total_tokens == 0:
         raise MiniGPTError("no text to score: the given texts are empty")
     return {
@@ -101,18 +105,22 @@ def perplexity(
 
 
 @torch.inference_mode()
-def _sliding_window_nll(model: PreTrainedModel, ids: torch.Tensor, stride: int, max_length: int) -> tuple[float, int]:
-    """Sum of -log p(token | context) over ids[1:], and the number of tokens scored."""
+def _sliding_window_nll(
+    model: PreTrainedModel, ids: torch.Tensor, stride: int, max_length: int, on_scored: Callable[[int], object]
+) -> tuple[float, int]:
+    """Sum of -log p(token | context) over ids[1:], and the number of tokens scored; `on_scored(n)` after each window."""
     total = 0.0
     scored_until = 1  # ids[0] has no context, everything after it is scored exactly once
     end = min(max_length, len(ids))
     while scored_until < len(ids):
         begin = max(0, end - max_length)
         window = ids[begin:end].unsqueeze(0).to(model.device)  # (1, T)
-        logits = model(input_ids=window).logits[0, :-1].float()  # (T-1, vocab): position i predicts window[i + 1]
-        token_nll = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none")  # (T-1,)
-        # Only the tokens this window adds; the ones before `scored_until` were context, already counted.
-        total += token_nll[scored_until - begin - 1 :].double().sum().item()
+        new = end - scored_until  # the tokens this window adds; the ones before were context, already counted
+        # Logits only where they predict a new token: position i predicts window[i + 1].
+        logits = model(input_ids=window, logits_to_keep=new + 1).logits[0, :-1].float()  # (new, vocab)
+        token_nll = torch.nn.functional.cross_entropy(logits, window[0, -new:], reduction="none")  # (new,)
+        total += token_nll.double().sum().item()
+        on_scored(new)
         scored_until, end = end, min(end + stride, len(ids))
     return total, len(ids) - 1
 

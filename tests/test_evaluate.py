@@ -53,7 +53,7 @@ def test_perplexity_is_exp_of_mean_nll_computed_by_hand(loaded_chat_model):  # n
     assert result["bits_per_byte"] == pytest.approx(mean_nll * (len(ids) - 1) / math.log(2) / result["bytes"], rel=1e-5)
 
 
-def test_sliding_window_scores_each_token_once_with_the_window_before_it(loaded_chat_model):  # noqa: F811
+def test_sliding_window_scores_each_token_once_with_the_window_before_it(loaded_chat_model, capsys):  # noqa: F811
     model, tokenizer = loaded_chat_model
     ids = token_ids(tokenizer, TEXT)
     window = 8
@@ -69,6 +69,8 @@ def test_sliding_window_scores_each_token_once_with_the_window_before_it(loaded_
     assert len(ids) > 4 * window  # several windows, not one
     assert result["tokens"] == len(ids) - 1
     assert result["nll"] == pytest.approx(by_hand, rel=1e-5)
+    progress = capsys.readouterr().err  # one long text gets a progress bar over its tokens
+    assert "perplexity: 100%" in progress and "tok/s" in progress, progress
 
 
 def test_reply_is_right_needs_the_answer_and_no_other_candidate():
