@@ -1,7 +1,8 @@
 """The `minigpt` command: one sub-command per stage of the book, each living in its own module.
 
 A command module provides `add_arguments(parser, command)` and `run(args, command) -> int | None`. Modules are
-imported only when their command runs, so `minigpt --help` is instant and `minigpt chat` never imports gradio.
+imported only when their command runs, so `minigpt chat` never imports gradio. (`import minigpt` itself loads torch
+and transformers, to register the model with the Auto classes: a few seconds before any command, `--help` included.)
 """
 
 from __future__ import annotations
