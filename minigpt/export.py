@@ -271,7 +271,9 @@ def push_space(space_dir: str | os.PathLike, repo: str, private: bool = False, t
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "export":
-        parser.add_argument("--space", required=True, metavar="OUT_DIR", help="folder to write the Space into")
+        parser.add_argument(
+            "--space", "--out", dest="space", required=True, metavar="OUT_DIR", help="folder to write the Space into"
+        )
         parser.add_argument("--model", required=True, help="model folder (copied into the Space) or a Hub model id")
         parser.add_argument("--title", default="MiniGPT chat", help="the Space's title")
         parser.add_argument("--concurrency", type=int, default=2, help="replies generated at once on the Space")

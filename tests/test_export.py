@@ -63,7 +63,8 @@ def test_export_writes_a_space_folder_with_the_model_bundled(tiny_chat_model, tr
 
 
 def test_export_with_a_hub_id_loads_the_model_from_the_hub(tmp_path, capsys):
-    assert main(["export", "--space", str(tmp_path / "space"), "--model", "someone/tiny-chat"]) == 0
+    # --out, as every other command names its output, is --space's other name
+    assert main(["export", "--out", str(tmp_path / "space"), "--model", "someone/tiny-chat"]) == 0
     assert "wrote the Space folder" in capsys.readouterr().out
     assert "MODEL = 'someone/tiny-chat'" in (tmp_path / "space" / "app.py").read_text()
     assert SpaceCard.load(tmp_path / "space" / "README.md").data.models == ["someone/tiny-chat"]
