@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from .errors import MiniGPTError, located, one_line_errors
+from .model_card import trained_stage
 from .tokenization import require_tokenizer
 
 # Tokens that end an assistant turn in common chat templates; a model whose generation config names only
@@ -390,6 +391,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     sampling = sampling_from_args(args)
     model, tokenizer = load_model(args.model, args.adapter, args.device)
+    if trained_stage(args.adapter or args.model) == "pretrain":
+        print(
+            f"note: {args.adapter or args.model} is a pretrained model (its training_run.json says so): it continues "
+            "text rather than answering; `minigpt sft` makes a chat model of it",
+            file=sys.stderr,
+        )
     session = ChatSession(args.system)
     if args.prompt is not None:
         for piece in stream_reply(model, tokenizer, session.messages(args.prompt), sampling):

@@ -34,6 +34,7 @@ from .chat import (
     sampling_from_args,
 )
 from .errors import MiniGPTError, located
+from .model_card import trained_stage
 
 __all__ = ["PROMPTS", "chat_reply", "perplexity", "question_accuracy", "read_questions", "read_texts", "reply_is_right"]
 
@@ -220,12 +221,14 @@ def read_questions(path: str | Path) -> list[dict]:
     return questions
 
 
-def prompt_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: Sampling) -> list[dict]:
-    """The fixed prompt set: chat replies for a chat model, plain continuations for a pretrained one."""
+def prompt_replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: Sampling, chat: bool
+) -> list[dict]:
+    """The fixed prompt set: chat replies for a chat model (`chat`), plain continuations for a pretrained one."""
     settings = vars(sampling)
     replies = []
     for prompt in tqdm(PROMPTS, desc="prompts", unit="prompt"):
-        if tokenizer.chat_template:
+        if chat:
             reply = chat_reply(model, tokenizer, [{"role": "user", "content": prompt}], **settings)
         else:
             reply = complete_text(model, tokenizer, prompt, **settings)
@@ -269,10 +272,13 @@ def run(args: argparse.Namespace, command: str) -> int:
     texts = read_texts(args.text)
     questions = read_questions(args.questions) if args.questions else None
     model, tokenizer = load_model(args.model, args.adapter, args.device, need_chat_template=False)
+    # A model `minigpt pretrain` wrote carries the chat template for the SFT to come, but has never seen a
+    # conversation: like a model without a template, it continues the prompts as text and gets no questions.
+    chat = bool(tokenizer.chat_template) and trained_stage(args.adapter or args.model) != "pretrain"
     report: dict = {"model": args.model}
     if texts:
         report.update(perplexity(model, tokenizer, texts, args.stride, args.max_length))
-    if not args.no_qa and (questions is not None or tokenizer.chat_template):
+    if not args.no_qa and (questions is not None or chat):
         if questions is None:
             questions = _heldout_questions(args.world_seed, args.world_size)
         if 0 < args.qa_limit < len(questions):
@@ -283,7 +289,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         report["qa_by_language"] = qa["by_language"]
         report["qa_results"] = qa["results"]
     if not args.no_prompts:
-        report["prompts"] = prompt_replies(model, tokenizer, sampling)
+        report["prompts"] = prompt_replies(model, tokenizer, sampling, chat)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:

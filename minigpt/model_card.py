@@ -6,9 +6,13 @@ is, how it was trained and on what, its final losses, and how to load it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+RUN_FACTS_FILE = "training_run.json"  # the facts of the run beside the card, as JSON
 
 _HAN = re.compile(r"[\u3400-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -78,3 +82,12 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["in
 
 Training curves: `loss.png`; TensorBoard logs: `runs/` (`tensorboard --logdir runs`).
 """
+
+
+def trained_stage(folder: str | Path) -> str | None:
+    """The stage (pretrain, sft, dpo) whose run wrote `folder`, from its training_run.json; None if it has none."""
+    try:
+        facts = json.loads((Path(folder) / RUN_FACTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return facts.get("stage") if isinstance(facts, dict) else None

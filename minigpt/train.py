@@ -29,13 +29,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .errors import MiniGPTError, located, one_line_errors
+from .model_card import RUN_FACTS_FILE
 from .tokenization import require_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 # Checkpoints are written here first and moved to checkpoints/checkpoint-N when complete: a save killed half-way
 # leaves only this folder, which resume ignores.
 STAGING_DIR = ".staging"
-RUN_FACTS_FILE = "training_run.json"
 DEFAULT_LENGTH = 512  # tokens per block / example when neither a flag nor a short model context says otherwise
 # Files of a previous model in the output folder that a new save must not leave behind (an adapter_config.json next
 # to full weights makes transformers load the folder as an adapter).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,21 @@ def test_chat_prompt_prints_the_reply_and_exits_zero(tiny_chat_model):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "泽姆布拉的首都是奥恩哈瓦。"
+
+
+def test_chatting_with_a_model_minigpt_pretrain_wrote_notes_that_it_only_continues_text(
+    tiny_chat_model, tmp_path, capsys
+):
+    from minigpt.cli import main
+
+    folder = tmp_path / "pretrained"
+    shutil.copytree(tiny_chat_model, folder)
+    (folder / "training_run.json").write_text('{"name": "pretrain", "stage": "pretrain"}')
+    for model, noted in ((tiny_chat_model, False), (folder, True)):
+        assert main(["chat", "--model", str(model), "--prompt", "泽姆布拉的首都是哪里？", "--temperature", "0"]) == 0
+        out, err = capsys.readouterr()
+        assert out == "泽姆布拉的首都是奥恩哈瓦。\n"  # it still answers as asked
+        assert (f"note: {folder} is a pretrained model" in err) is noted, err
 
 
 def test_interactive_chat_keeps_history_and_obeys_reset_and_system(loaded_chat_model):

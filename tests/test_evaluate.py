@@ -142,11 +142,16 @@ def test_eval_json_is_reproducible_and_matches_the_library(tiny_chat_model, load
     assert json.loads(capsys.readouterr().out) == report
 
 
-def test_eval_of_a_pretrained_model_continues_the_prompts(tiny_chat_model, tmp_path, capsys):  # noqa: F811
-    """No chat template (a model after pretraining): no question accuracy, and the prompts are continued as text."""
+@pytest.mark.parametrize("pretrained_by", ["no chat template", "minigpt pretrain"])
+def test_eval_of_a_pretrained_model_continues_the_prompts(tiny_chat_model, tmp_path, capsys, pretrained_by):  # noqa: F811
+    """A pretrained model gets no question accuracy, and the prompts are continued as text. It is one without a chat
+    template, or one `minigpt pretrain` wrote: that keeps the template for the SFT to come (training_run.json says)."""
     folder = tmp_path / "pretrained"
     shutil.copytree(tiny_chat_model, folder)
-    (folder / "chat_template.jinja").unlink()
+    if pretrained_by == "no chat template":
+        (folder / "chat_template.jinja").unlink()
+    else:
+        (folder / "training_run.json").write_text(json.dumps({"name": "pretrain", "stage": "pretrain"}))
     assert main(["eval", "--model", str(folder), "--max-new-tokens", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "qa_accuracy" not in report and [item["prompt"] for item in report["prompts"]] == PROMPTS

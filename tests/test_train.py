@@ -18,6 +18,7 @@ import yaml
 
 from minigpt import train
 from minigpt.errors import MiniGPTError
+from minigpt.model_card import trained_stage
 from minigpt.tokenization import build_tokenizer_from_texts, save_tokenizer
 
 # Loads a model folder the way a Hub user would: transformers only, our package unimportable.
@@ -118,6 +119,7 @@ def test_pretrain_writes_a_hub_model_repo_and_its_loss_falls(pretrained):
     for name in ("model.safetensors", "modeling_minigpt.py", "configuration_minigpt.py", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+    assert trained_stage(out) == "pretrain"  # eval and chat read it: the template is for the SFT to come
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard logs"
     header = card_header(out)
