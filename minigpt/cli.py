@@ -11,8 +11,13 @@ import argparse
 import difflib
 import importlib
 import sys
+import warnings
 
 from .errors import MiniGPTError
+
+# Warnings one library raises about another's use of it, which no user of a command can act on: TRL (every DPO step)
+# and peft (every LoRA model) read transformers' deprecated `is_gradient_checkpointing`.
+LIBRARY_WARNINGS = ("`is_gradient_checkpointing` is deprecated",)
 
 # command -> (module, one-line description); the order is the order of the book.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, parser = command_parser(command)
     args = parser.parse_args(rest)
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message, FutureWarning)
     try:
         return int(module.run(args, command) or 0)
     except MiniGPTError as error:

@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,10 +539,6 @@ class _StageTrainerMixin:
 def _trainer_class(stage: Stage) -> type[Trainer]:
     if stage.records == "preference":
         from trl import DPOTrainer as base
-
-        # TRL reads transformers' deprecated `is_gradient_checkpointing` at every step and evaluation: their warning,
-        # not the user's to act on, so it is not printed into every DPO run.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     else:
         base = Trainer
 

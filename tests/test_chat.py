@@ -283,6 +283,16 @@ def test_lora_adapter_is_applied_on_top_of_the_model(tiny_chat_model, loaded_cha
     assert_computes_base_plus_adapter(model, reference, loaded_chat_model)
 
 
+def test_chat_with_an_adapter_prints_no_library_deprecation_warning(tiny_chat_model, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` (TRL too, in DPO): the command silences it.
+    A fresh process, as Python shows such a warning once per process."""
+    save_random_lora_adapter(tiny_chat_model, tmp_path / "adapter")
+    argv = ["--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"]
+    result = run_minigpt("chat", *argv, "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "is_gradient_checkpointing" not in result.stderr, result.stderr
+
+
 def test_long_history_drops_oldest_turns_but_keeps_system_and_last_message(loaded_chat_model):
     _, tokenizer = loaded_chat_model
     session = ChatSession(system="Answer in French.")
