@@ -57,6 +57,20 @@ def render_model_card(facts: dict[str, Any], languages: list[str], tags: list[st
         else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
     )
+    if facts["stage"] == "pretrain":  # it has the chat template for the SFT to come, but has not learnt to chat
+        use = (
+            'inputs = tokenizer("Once upon a time", return_tensors="pt")\n'
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n"
+        )
+        what = " A pretrained model continues text; `minigpt sft` makes a chat model of it."
+    else:
+        use = (
+            'messages = [{"role": "user", "content": "Hello!"}]\n'
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+            'return_tensors="pt")\n'
+            'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]))\n'
+        )
+        what = ""
     rows = "\n".join(f"| {key} | {_number(value)} |" for key, value in facts.items() if value is not None)
     kind = "LoRA adapter" if is_adapter else "causal language model"
     return f"""---
@@ -65,14 +79,11 @@ def render_model_card(facts: dict[str, Any], languages: list[str], tags: list[st
 
 # {facts.get("name", "MiniGPT model")}
 
-A small {kind} trained with MiniGPT (`minigpt {facts["stage"]}`). It loads with plain transformers (the modeling code ships in this folder):
+A small {kind} trained with MiniGPT (`minigpt {facts["stage"]}`).{what} It loads with plain transformers (the modeling code ships in this folder):
 
 ```python
 {load}tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]))
-```
+{use}```
 
 ## Training run
 

@@ -83,11 +83,23 @@ def pretrained(corpus, tmp_path_factory) -> tuple[Path, dict]:
     return out, facts
 
 
+def run_model_card_code(model_dir: Path, cwd: Path) -> str:
+    """Run the Python block of the folder's model card, as a Hub user pastes it (PATH: the folder); its output."""
+    code = re.search(r"```python\n(.*?)```", (model_dir / "README.md").read_text(encoding="utf-8"), re.DOTALL)[1]
+    script = 'import sys\nsys.modules["minigpt"] = None\n' + code.replace('"PATH"', repr(str(model_dir)))
+    return _fresh_python(["-c", script], cwd).stdout
+
+
 def reload_in_fresh_process(model_dir: Path, prompt: str, cwd: Path) -> dict:
+    result = _fresh_python(["-c", RELOAD_AND_CHAT, str(model_dir), prompt], cwd)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _fresh_python(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", RELOAD_AND_CHAT, str(model_dir), prompt],
+        [sys.executable, *argv],
         cwd=cwd,  # outside the repository, so `minigpt` is not importable from the working directory either
         env=env,
         capture_output=True,
@@ -96,7 +108,7 @@ def reload_in_fresh_process(model_dir: Path, prompt: str, cwd: Path) -> dict:
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result
 
 
 def card_header(model_dir: Path) -> dict:
@@ -108,7 +120,7 @@ def card_header(model_dir: Path) -> dict:
 # --- the stages end to end -------------------------------------------------------------------------------------------
 
 
-def test_pretrain_writes_a_hub_model_repo_and_its_loss_falls(pretrained):
+def test_pretrain_writes_a_hub_model_repo_and_its_loss_falls(pretrained, tmp_path):
     out, facts = pretrained
     assert facts["final_train_loss"] < facts["first_train_loss"] - 1.0
     assert facts["steps"] == 40 and facts["finished"]
@@ -120,6 +132,7 @@ def test_pretrain_writes_a_hub_model_repo_and_its_loss_falls(pretrained):
         assert (out / name).is_file(), name
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
     assert trained_stage(out) == "pretrain"  # eval and chat read it: the template is for the SFT to come
+    assert run_model_card_code(out, cwd=tmp_path).startswith("Once upon a time")  # the card's snippet continues text
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard logs"
     header = card_header(out)
@@ -206,6 +219,7 @@ def test_dpo_on_both_preference_files(pretrained, shared_data, tmp_path):
     assert facts["final_train_loss"] < facts["first_train_loss"]
     assert set(card_header(out)["language"]) == {"en", "zh"}
     assert reload_in_fresh_process(out, "你好", cwd=tmp_path)["new_tokens"] >= 1
+    run_model_card_code(out, cwd=tmp_path)  # the card's chat snippet runs, without our package
 
 
 def test_lora_adapter_is_saved_reloaded_and_merged(pretrained, shared_data, tmp_path):
@@ -252,6 +266,7 @@ def test_lora_on_other_stages_saves_an_adapter_that_peft_reloads(pretrained, cor
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert model.peft_config["default"].r == 8
+    run_model_card_code(out, cwd=tmp_path)  # the card's snippet loads the adapter with peft, without our package
 
 
 # --- losses equal a hand computation ---------------------------------------------------------------------------------
