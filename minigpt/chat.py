@@ -148,6 +148,16 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def note_if_only_pretrained(model_name: str, adapter: str | None) -> None:
+    """A model `minigpt pretrain` wrote has the chat template (for the SFT to come) but has not learnt to chat: say so."""
+    if trained_stage(adapter or model_name) == "pretrain":
+        print(
+            f"note: {adapter or model_name} is a pretrained model (its training_run.json says so): it continues "
+            "text rather than answering; `minigpt sft` makes a chat model of it",
+            file=sys.stderr,
+        )
+
+
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise MiniGPTError(located(adapter, "not a LoRA adapter folder: no adapter_config.json"))
@@ -391,12 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     sampling = sampling_from_args(args)
     model, tokenizer = load_model(args.model, args.adapter, args.device)
-    if trained_stage(args.adapter or args.model) == "pretrain":
-        print(
-            f"note: {args.adapter or args.model} is a pretrained model (its training_run.json says so): it continues "
-            "text rather than answering; `minigpt sft` makes a chat model of it",
-            file=sys.stderr,
-        )
+    note_if_only_pretrained(args.model, args.adapter)
     session = ChatSession(args.system)
     if args.prompt is not None:
         for piece in stream_reply(model, tokenizer, session.messages(args.prompt), sampling):

@@ -22,6 +22,7 @@ from .chat import (
     context_length,
     count_parameters,
     load_model,
+    note_if_only_pretrained,
     port_number,
     sampling_from_args,
     stream_reply,
@@ -192,6 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     if args.concurrency < 1 or args.max_queue < 1:
         raise MiniGPTError("--concurrency and --max-queue must be at least 1")
+    note_if_only_pretrained(args.model, args.adapter)
     serve(
         args.model,
         args.adapter,
