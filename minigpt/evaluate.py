@@ -290,6 +290,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         report["qa_results"] = qa["results"]
     if not args.no_prompts:
         report["prompts"] = prompt_replies(model, tokenizer, sampling, chat)
+        report["prompts_as"] = "chat" if chat else "text"
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -311,5 +312,8 @@ def _print_report(report: dict, files: int) -> None:
         print(f"question acc.  {report['qa_accuracy']:.1%} ({report['qa_correct']}/{report['qa_total']}); {languages}")
     for item in report.get("prompts", []):
         reply = item["reply"].replace("\n", "\n     ")
-        print(f"\n  Q: {item['prompt']}\n  A: {reply}")
+        if report["prompts_as"] == "chat":
+            print(f"\n  Q: {item['prompt']}\n  A: {reply}")
+        else:  # the continuation follows its prompt
+            print(f"\n  > {item['prompt']}{reply}")
     sys.stdout.flush()

@@ -137,6 +137,7 @@ def test_eval_json_is_reproducible_and_matches_the_library(tiny_chat_model, load
     assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert report["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-5)
     assert len(report["prompts"]) == 8 and all(isinstance(item["reply"], str) for item in report["prompts"])
+    assert report["prompts_as"] == "chat"
 
     assert main(args) == 0  # and again in this process: the same numbers and replies
     assert json.loads(capsys.readouterr().out) == report
@@ -155,6 +156,7 @@ def test_eval_of_a_pretrained_model_continues_the_prompts(tiny_chat_model, tmp_p
     assert main(["eval", "--model", str(folder), "--max-new-tokens", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "qa_accuracy" not in report and [item["prompt"] for item in report["prompts"]] == PROMPTS
+    assert report["prompts_as"] == "text"
     model, tokenizer = load_model(str(folder), device="cpu", need_chat_template=False)
     continued = [complete_text(model, tokenizer, prompt, max_new_tokens=4, temperature=0) for prompt in PROMPTS]
     assert [item["reply"] for item in report["prompts"]] == continued
