@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -189,7 +190,9 @@ def train_tokenizer(
     start = time.perf_counter()
     split = _HeldOutSplit(iter_texts(paths, format=format, text_field=text_field, skip_invalid=skip_invalid))
     texts = _with_role_headers(split)
-    tokenizer = build_tokenizer_from_texts(texts, vocab_size, min_frequency=min_frequency, show_progress=verbose)
+    # The trainer's progress bars only on a terminal: written to a pipe or a file they come out as blank lines.
+    progress = verbose and sys.stdout.isatty()
+    tokenizer = build_tokenizer_from_texts(texts, vocab_size, min_frequency=min_frequency, show_progress=progress)
     seconds = time.perf_counter() - start
     if split.training_bytes == 0:
         raise MiniGPTError(f"no text to train on in {', '.join(map(str, paths))}")
