@@ -299,16 +299,18 @@ _THING_CHARS = "珑琥翎萤芷蘅曦璃霓瑾珂翠苓蕙萝茜蔻琅璇黛玟�
 _COUNTRY_CHARS = "阿贝卡德艾法加赫伊约"
 
 # Small talk, so the chat model also answers a greeting; repeated in SFT so a few rows are not drowned out by facts.
+# Every greeting gets the same reply: echoed greetings ("Hi!" -> "Hi! ...") came out as "Good! ..." for all three,
+# the tiny chat model merging "Good morning!" with the rest.
 SMALL_TALK = (
     ("Hello!", "Hello! Ask me about the people, places and things of my world."),
-    ("Hi!", "Hi! Ask me about the people, places and things of my world."),
-    ("Good morning!", "Good morning! Ask me about the people, places and things of my world."),
+    ("Hi!", "Hello! Ask me about the people, places and things of my world."),
+    ("Good morning!", "Hello! Ask me about the people, places and things of my world."),
     ("Who are you?", "I am a small language model that learned an invented world."),
     ("What can you do?", "I can answer questions about the people, places and things of my world."),
     ("Thank you!", "You are welcome!"),
     ("你好！", "你好！你可以问我这个世界里的人物、地方和东西。"),
-    ("您好！", "您好！你可以问我这个世界里的人物、地方和东西。"),
-    ("早上好！", "早上好！你可以问我这个世界里的人物、地方和东西。"),
+    ("您好！", "你好！你可以问我这个世界里的人物、地方和东西。"),
+    ("早上好！", "你好！你可以问我这个世界里的人物、地方和东西。"),
     ("你是谁？", "我是一个学会了一个虚构世界的小语言模型。"),
     ("你会做什么？", "我可以回答关于这个世界里的人物、地方和东西的问题。"),
     ("谢谢！", "不客气！"),
