@@ -148,9 +148,15 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def only_pretrained(model_name: str, adapter: str | None) -> bool:
+    """Whether `minigpt pretrain` wrote the model (the adapter's run, if one is given, is the last): it has the chat
+    template, for the SFT to come, but has not learnt to chat."""
+    return trained_stage(adapter or model_name) == "pretrain"
+
+
 def note_if_only_pretrained(model_name: str, adapter: str | None) -> None:
-    """A model `minigpt pretrain` wrote has the chat template (for the SFT to come) but has not learnt to chat: say so."""
-    if trained_stage(adapter or model_name) == "pretrain":
+    """Say so on stderr when the model was only pretrained (chat and demo answer with it all the same)."""
+    if only_pretrained(model_name, adapter):
         print(
             f"note: {adapter or model_name} is a pretrained model (its training_run.json says so): it continues "
             "text rather than answering; `minigpt sft` makes a chat model of it",

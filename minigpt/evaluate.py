@@ -31,10 +31,10 @@ from .chat import (
     context_length,
     generate_replies,
     load_model,
+    only_pretrained,
     sampling_from_args,
 )
 from .errors import MiniGPTError, located
-from .model_card import trained_stage
 
 __all__ = ["PROMPTS", "chat_reply", "perplexity", "question_accuracy", "read_questions", "read_texts", "reply_is_right"]
 
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     model, tokenizer = load_model(args.model, args.adapter, args.device, need_chat_template=False)
     # A model `minigpt pretrain` wrote carries the chat template for the SFT to come, but has never seen a
     # conversation: like a model without a template, it continues the prompts as text and gets no questions.
-    chat = bool(tokenizer.chat_template) and trained_stage(args.adapter or args.model) != "pretrain"
+    chat = bool(tokenizer.chat_template) and not only_pretrained(args.model, args.adapter)
     report: dict = {"model": args.model}
     if texts:
         report.update(perplexity(model, tokenizer, texts, args.stride, args.max_length))
