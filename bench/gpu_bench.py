@@ -84,6 +84,7 @@ def train(args: argparse.Namespace) -> None:
     size = 1024 if args.tiny else 8192
     ceiling = matmul_gflops(size, repeats=10, device=args.device, dtype=torch.bfloat16) / 1e3
     print(f"bf16 matmul ceiling measured now ({size}^3): {ceiling:.0f} TFLOP/s")
+    inductor_settings = "".join(f", inductor {setting}" for setting in args.inductor)
     print(
         f"training: MiniGPT {'tiny-gpt2' if args.tiny else 'gpt2 (GPT-2 124M)'} preset "
         f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M"
@@ -91,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
         f"{'bf16 weights' if args.bf16_weights else 'bf16 autocast'}, fused AdamW, sdpa ({sdpa_backends()})"
         f"{', all-ones attention mask' if args.mask_ones else ''}{f', use_cache {args.use_cache}' if args.use_cache != 'default' else ''}, "
         f"{'eager' if args.no_compile else 'torch.compile mode ' + (args.compile_mode or 'default')}"
-        f"{' (loss only)' if args.compile_target == 'loss' and not args.no_compile else ''}, peak {args.peak_tflops:.0f} TFLOP/s"
+        f"{' (loss only)' if args.compile_target == 'loss' and not args.no_compile else ''}{inductor_settings}, peak {args.peak_tflops:.0f} TFLOP/s"
     )
     for name, model in contestants.items():
         model.train()
@@ -267,6 +268,25 @@ def serve_with_vllm(args: argparse.Namespace) -> None:
         print(f"  vLLM {args.native_dir}: batch {batch:>2}: {generated / seconds:9.1f} generated tokens/s")
 
 
+def set_inductor_option(setting: str) -> None:
+    """KEY=VALUE: torch._inductor.config.KEY = VALUE (0/1/true/false as booleans, else int, float or text)."""
+    import torch._inductor.config as inductor_config
+
+    key, _, text = setting.partition("=")
+    known = inductor_config.get_config_copy()
+    if key not in known:
+        raise SystemExit(f"--inductor {setting}: torch._inductor.config has no {key!r}")
+    current = known[key]
+    if isinstance(current, bool):
+        value: object = text.lower() in ("1", "true", "on")
+    elif isinstance(current, (int, float)):
+        value = type(current)(text)
+    else:
+        value = text
+    inductor_config.patch({key: value}).__enter__()  # for the rest of the process
+    print(f"torch._inductor.config.{key} = {value!r} (default {current!r})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("train", "generate", "save-model", "vllm"))
@@ -295,6 +315,13 @@ def main() -> None:
         default="default",
         help="training: restrict SDPA to cuDNN's or the flash kernel (math stays as the fallback)",
     )
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training: set torch._inductor.config.KEY (e.g. online_softmax=0); repeatable",
+    )
     parser.add_argument("--profile", action="store_true", help="training: print where a step's kernel time goes")
     parser.add_argument("--top", type=int, default=14, help="training: kernels listed by --profile")
     parser.add_argument(
@@ -318,6 +345,8 @@ def main() -> None:
         configure_cpu(torch.get_num_threads())
     else:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast use tensor cores too
+    for setting in args.inductor:
+        set_inductor_option(setting)
     if args.sdpa_backend != "default":
         torch.backends.cuda.enable_flash_sdp(args.sdpa_backend == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(False)

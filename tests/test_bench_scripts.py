@@ -68,9 +68,9 @@ def test_gpu_script_runs_every_step_on_cpu_with_tiny_shapes() -> None:
 @pytest.mark.slow
 def test_gpu_variants_script_runs_every_variant_on_cpu() -> None:
     flags = ("--device", "cpu", "--tiny", "--no-compile", "--steps", "1", "--warmup", "1")
-    out = run_bench("bash", "bench/gpu_variants.sh", *flags, timeout=900)  # ~5 minutes: 9 processes
+    out = run_bench("bash", "bench/gpu_variants.sh", *flags, timeout=900)  # ~5 minutes: 7 processes
     assert "FAILED" not in out, out
-    assert out.count("===") == 9, out
-    assert len(re.findall(r"^  MiniGPT +\d+ tokens/s", out, re.M)) == 9, out
-    assert len(re.findall(r"^  GPT2LMHeadModel +\d+ tokens/s", out, re.M)) == 2, out  # the two side-by-side variants
-    assert out.count("profile:") == 7, out  # the seven MiniGPT-only variants print where the time goes
+    assert out.count("===") == 7, out
+    assert len(re.findall(r"^  MiniGPT +\d+ tokens/s", out, re.M)) == 7, out
+    assert len(re.findall(r"^  GPT2LMHeadModel +\d+ tokens/s", out, re.M)) == 1, out  # the side-by-side variant
+    assert out.count("profile:") == 1, out  # the first prints where the time goes
