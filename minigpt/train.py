@@ -924,7 +924,11 @@ def train(args: argparse.Namespace, command: str) -> dict:
     if trainer.is_world_process_zero():
         save_model_repo(trainer, run.tokenizer, run.out, run.stage, args, facts, run.languages)
         summary = f"saved {run.out}: step {facts['steps']}/{facts['max_steps']}"
-        if facts["final_train_loss"] is not None:
+        logged = sum("loss" in entry for entry in trainer.state.log_history)
+        if logged == 1:  # not "x -> x", which reads as a run that learned nothing
+            summary += f", train loss {facts['first_train_loss']:.4f} at step 1"
+            summary += f" (the only one logged: --logging-steps {args.logging_steps})"
+        elif logged > 1:
             summary += f", train loss {facts['first_train_loss']:.4f} -> {facts['final_train_loss']:.4f}"
         if facts["eval_perplexity"] is not None:
             summary += f", eval loss {facts['eval_loss']:.4f} (perplexity {facts['eval_perplexity']:.2f})"

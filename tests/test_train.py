@@ -176,6 +176,22 @@ def test_sft_neftune_alpha_noises_the_training_loss(pretrained, shared_data, tmp
     assert first_losses["0"] != first_losses["5"], first_losses
 
 
+def test_a_run_shorter_than_logging_steps_reports_its_one_logged_loss(pretrained, shared_data, tmp_path, capsys):
+    """3 steps, loss logged every 10: Trainer logs step 1 only, and the summary must not read 'x -> x' (as if the
+    run had learned nothing)."""
+    base, _ = pretrained
+    argv = stage_args(
+        "sft",
+        *["--model", str(base), "--out", str(tmp_path / "short"), "--max-length", "64", "--batch-size", "4"],
+        *["--max-steps", "3", "--data", str(shared_data / "minimind/lora_identity.jsonl")],
+    )
+    argv[argv.index("--logging-steps") + 1] = "10"
+    train.train(train.resolve_args(train.parse_args("sft", argv), "sft"), "sft")
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("saved "))
+    assert "step 3/3" in summary and "->" not in summary, summary
+    assert "at step 1 (the only one logged: --logging-steps 10)" in summary, summary
+
+
 def test_sft_mix_data_gives_each_pass_over_the_sft_rows_its_own_pretraining_blocks(
     pretrained, corpus, shared_data, tmp_path
 ):
