@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from minigpt import train
 from minigpt.errors import MiniGPTError
@@ -174,6 +175,28 @@ def test_sft_neftune_alpha_noises_the_training_loss(pretrained, shared_data, tmp
         )
         first_losses[alpha] = facts["first_train_loss"]
     assert first_losses["0"] != first_losses["5"], first_losses
+
+
+def test_pretrain_with_compile_trains_the_same_model_and_saves_plain_weights(corpus, tmp_path):
+    """--compile (Trainer's torch_compile): the compiled step computes the eager step's losses (the fast paths step
+    aside under the compiler), and the saved repo holds the plain parameter names, not torch.compile's wrapper's."""
+    from torch._dynamo.utils import counters
+
+    losses = {}
+    for mode in ("eager", "compiled"):
+        counters.clear()
+        facts = run_stage(
+            "pretrain",
+            *["--data", str(corpus["tinystories"]), "--tokenizer", str(corpus["tokenizer"]), "--preset", "tiny-gpt2"],
+            *["--block-size", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--eval-fraction", "0"],
+            *["--out", str(tmp_path / mode), *(["--compile"] if mode == "compiled" else [])],
+        )
+        losses[mode] = (facts["first_train_loss"], facts["final_train_loss"])
+        assert (counters["stats"]["unique_graphs"] > 0) == (mode == "compiled"), (mode, dict(counters["stats"]))
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4), losses
+    with safe_open(str(tmp_path / "compiled" / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names and not any("_orig_mod" in name for name in names), sorted(names)
 
 
 def test_a_run_shorter_than_logging_steps_reports_its_one_logged_loss(pretrained, shared_data, tmp_path, capsys):
