@@ -199,6 +199,32 @@ def test_pretrain_with_compile_trains_the_same_model_and_saves_plain_weights(cor
     assert "model.embed_tokens.weight" in names and not any("_orig_mod" in name for name in names), sorted(names)
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same_model(corpus, tmp_path, monkeypatch):
+    """--gradient-checkpointing: every layer runs again in the backward pass (twice the MLP calls), with the same
+    losses as a plain run (the SwiGLU MLP's kept training memory included)."""
+    from minigpt import modeling_minigpt as modeling
+
+    calls = Counter()
+    forward = modeling.MiniGPTMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls[mode] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling.MiniGPTMLP, "forward", counted)
+    losses = {}
+    for mode in ("plain", "checkpointed"):
+        facts = run_stage(
+            "pretrain",
+            *["--data", str(corpus["tinystories"]), "--tokenizer", str(corpus["tokenizer"]), "--preset", "tiny-qwen"],
+            *["--block-size", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--eval-fraction", "0"],
+            *["--out", str(tmp_path / mode), *(["--gradient-checkpointing"] if mode == "checkpointed" else [])],
+        )
+        losses[mode] = (facts["first_train_loss"], facts["final_train_loss"])
+    assert calls["checkpointed"] == 2 * calls["plain"] > 0, calls
+    assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-5), losses
+
+
 def test_a_run_shorter_than_logging_steps_reports_its_one_logged_loss(pretrained, shared_data, tmp_path, capsys):
     """3 steps, loss logged every 10: Trainer logs step 1 only, and the summary must not read 'x -> x' (as if the
     run had learned nothing)."""
