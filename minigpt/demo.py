@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import gradio as gr
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .chat import (
@@ -28,6 +28,9 @@ from .chat import (
     stream_reply,
 )
 from .errors import MiniGPTError
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 EXAMPLES = [
     "Hello! Who are you?",
@@ -87,6 +90,8 @@ def build_demo(
     title: str = "MiniGPT",
 ) -> gr.Blocks:
     """The chat app: ChatInterface with a system prompt, sampling sliders, examples and the model's facts."""
+    import gradio as gr  # here, not at the top: it takes seconds to import, and `minigpt demo --help` needs none of it
+
     sampling = sampling or Sampling()
     facts = model_facts(model, model_name)
     context = facts["context_length"] or 2048

@@ -239,3 +239,11 @@ def test_model_facts_and_history_from_the_browser_format(loaded_chat_model, fact
     ]
     *_, reply = demo.fn("What is my name?", history, "", 32, 0.0, 50, 0.9, 1.0)
     assert reply.strip() == "Your name is Ada."
+
+
+def test_demo_help_does_not_import_gradio() -> None:
+    """`minigpt demo --help` builds its parser without gradio, which alone takes seconds to import."""
+    code = "import sys; from minigpt import cli; cli.command_parser('demo'); print('gradio' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False", result.stdout
