@@ -220,8 +220,17 @@ def _hub_error(error: Exception) -> MiniGPTError:
     return MiniGPTError(f"cannot reach the Hugging Face Hub (are you offline?): {reason}")
 
 
+# What `push --model` leaves out of a model folder: Trainer's checkpoints (optimizer states, several times the model's
+# size) and Python's caches. Everything else is the Hub repo: weights, config, modeling files, tokenizer, model card,
+# training_run.json, the loss plot and runs/ (TensorBoard logs, which the Hub shows as training metrics).
+MODEL_UPLOAD_IGNORE = ["checkpoints/*", "*__pycache__*", "*.pyc"]
+
+
 def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a model folder's model and tokenizer with `push_to_hub`; returns the repo URL."""
+    """Upload a model folder as it is (see MODEL_UPLOAD_IGNORE), once it loads; returns the repo URL.
+
+    Not `model.push_to_hub`: that re-saves the model without the folder's model card (the Hub then writes a generic
+    one), training facts, loss plot and TensorBoard logs."""
     from huggingface_hub import HfApi
 
     from .chat import load_model
@@ -230,17 +239,22 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
     if not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
     token = _hub_token(token)
+    api = HfApi(token=token)
     try:
-        HfApi(token=token).whoami()  # fail on login/network before spending time on loading
-        model, tokenizer = load_model(str(path), device="cpu", need_chat_template=False)
-        message = f"Upload {path.name} with minigpt push"
-        commit = model.push_to_hub(repo, private=private, token=token, commit_message=message)
-        tokenizer.push_to_hub(repo, private=private, token=token, commit_message=message)
+        api.whoami()  # fail on login/network before spending time on loading
+        load_model(str(path), device="cpu", need_chat_template=False)  # a folder that does not load is not uploaded
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=path,
+            repo_id=url.repo_id,
+            commit_message=f"Upload {path.name} with minigpt push",
+            ignore_patterns=MODEL_UPLOAD_IGNORE,
+        )
     except MiniGPTError:
         raise
     except Exception as error:
         raise _hub_error(error) from error
-    return getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo}"
+    return str(url)
 
 
 def push_space(space_dir: str | os.PathLike, repo: str, private: bool = False, token: str | None = None) -> str:
@@ -284,7 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add_sampling_arguments(parser)
     else:
         what = parser.add_mutually_exclusive_group(required=True)
-        what.add_argument("--model", help="model folder to upload (model + tokenizer, via push_to_hub)")
+        what.add_argument(
+            "--model", help="model folder to upload as it is (model card and training logs too; not checkpoints/)"
+        )
         what.add_argument("--space", metavar="DIR", help="an exported Space folder to upload")
         parser.add_argument("--repo", required=True, help="Hub repo: NAME (your account) or OWNER/NAME")
         parser.add_argument("--private", action="store_true", help="create the repo as private")

@@ -180,3 +180,43 @@ def test_exported_space_runs_in_a_fresh_venv(tiny_chat_model, story_reply, tmp_p
         stop_server(process)
     assert reply.strip() == story_reply
     print(f"fresh venv install {installed - started:.0f} s, whole test {time.monotonic() - started:.0f} s")
+
+
+def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The repo gets the folder's own model card and training logs (model.push_to_hub would re-save the model and
+    tokenizer only, and the Hub would write a generic card), not Trainer's checkpoints. The Hub itself is replaced by
+    recording HfApi's calls; which files go up is worked out by huggingface_hub's own pattern filter."""
+    from huggingface_hub import HfApi, RepoUrl
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own filter
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# my model card\n", encoding="utf-8")
+    (folder / "training_run.json").write_text("{}", encoding="utf-8")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out.tfevents.1.host").write_bytes(b"tensorboard")
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"optimizer state")
+    calls = {}
+
+    def create_repo(self, repo_id: str, **kwargs) -> RepoUrl:
+        calls["create_repo"] = (repo_id, kwargs)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs) -> None:
+        calls["upload_folder"] = kwargs
+
+    monkeypatch.setattr(HfApi, "whoami", lambda self, **kwargs: {"name": "someone"})
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+    assert main(["push", "--model", str(folder), "--repo", "someone/tiny", "--private", "--token", "hf_x"]) == 0
+    assert capsys.readouterr().out.strip() == "pushed to https://huggingface.co/someone/tiny"
+    assert calls["create_repo"] == ("someone/tiny", {"private": True, "exist_ok": True})
+    upload = calls["upload_folder"]
+    assert Path(upload["folder_path"]) == folder and upload["repo_id"] == "someone/tiny"
+    files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+    ignored = list(upload["ignore_patterns"]) + DEFAULT_IGNORE_PATTERNS
+    uploaded = set(filter_repo_objects(files, ignore_patterns=ignored))
+    assert uploaded == {name for name in files if not name.startswith("checkpoints/")}
+    assert {"README.md", "training_run.json", "runs/events.out.tfevents.1.host", "model.safetensors"} <= uploaded
