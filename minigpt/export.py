@@ -230,7 +230,8 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
     """Upload a model folder as it is (see MODEL_UPLOAD_IGNORE), once it loads; returns the repo URL.
 
     Not `model.push_to_hub`: that re-saves the model without the folder's model card (the Hub then writes a generic
-    one), training facts, loss plot and TensorBoard logs."""
+    one), training facts, loss plot and TensorBoard logs. The card's code loads "PATH" (the folder, wherever it is);
+    the uploaded card loads the repo instead, so that it runs as pasted from the Hub page."""
     from huggingface_hub import HfApi
 
     from .chat import load_model
@@ -244,12 +245,23 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
         api.whoami()  # fail on login/network before spending time on loading
         load_model(str(path), device="cpu", need_chat_template=False)  # a folder that does not load is not uploaded
         url = api.create_repo(repo, private=private, exist_ok=True)
+        card = path / "README.md"
         api.upload_folder(
             folder_path=path,
             repo_id=url.repo_id,
             commit_message=f"Upload {path.name} with minigpt push",
-            ignore_patterns=MODEL_UPLOAD_IGNORE,
+            ignore_patterns=[*MODEL_UPLOAD_IGNORE, card.name],
         )
+        if card.is_file():
+            text = card.read_text(encoding="utf-8").replace(
+                'from_pretrained("PATH"', f'from_pretrained("{url.repo_id}"'
+            )
+            api.upload_file(
+                path_or_fileobj=text.encode("utf-8"),
+                path_in_repo=card.name,
+                repo_id=url.repo_id,
+                commit_message="Model card: the code loads this repo",
+            )
     except MiniGPTError:
         raise
     except Exception as error:

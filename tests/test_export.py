@@ -183,15 +183,16 @@ def test_exported_space_runs_in_a_fresh_venv(tiny_chat_model, story_reply, tmp_p
 
 
 def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
-    """The repo gets the folder's own model card and training logs (model.push_to_hub would re-save the model and
-    tokenizer only, and the Hub would write a generic card), not Trainer's checkpoints. The Hub itself is replaced by
+    """The repo gets the folder's own model card (loading the repo) and training logs (model.push_to_hub would re-save
+    the model and tokenizer only, and the Hub would write a generic card), not Trainer's checkpoints. The Hub itself is replaced by
     recording HfApi's calls; which files go up is worked out by huggingface_hub's own pattern filter."""
     from huggingface_hub import HfApi, RepoUrl
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own filter
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_chat_model, folder)
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# my model card\n", encoding="utf-8")
+    card = 'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# my model card\n{card}", encoding="utf-8")
     (folder / "training_run.json").write_text("{}", encoding="utf-8")
     (folder / "runs").mkdir()
     (folder / "runs" / "events.out.tfevents.1.host").write_bytes(b"tensorboard")
@@ -206,9 +207,13 @@ def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_mo
     def upload_folder(self, **kwargs) -> None:
         calls["upload_folder"] = kwargs
 
+    def upload_file(self, **kwargs) -> None:
+        calls["upload_file"] = kwargs
+
     monkeypatch.setattr(HfApi, "whoami", lambda self, **kwargs: {"name": "someone"})
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
 
     assert main(["push", "--model", str(folder), "--repo", "someone/tiny", "--private", "--token", "hf_x"]) == 0
     assert capsys.readouterr().out.strip() == "pushed to https://huggingface.co/someone/tiny"
@@ -218,5 +223,11 @@ def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_mo
     files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
     ignored = list(upload["ignore_patterns"]) + DEFAULT_IGNORE_PATTERNS
     uploaded = set(filter_repo_objects(files, ignore_patterns=ignored))
-    assert uploaded == {name for name in files if not name.startswith("checkpoints/")}
-    assert {"README.md", "training_run.json", "runs/events.out.tfevents.1.host", "model.safetensors"} <= uploaded
+    assert uploaded == {name for name in files if not name.startswith("checkpoints/") and name != "README.md"}
+    assert {"training_run.json", "runs/events.out.tfevents.1.host", "model.safetensors"} <= uploaded
+    # The card goes up after the folder, its code loading the repo instead of "PATH"; the folder keeps its own.
+    assert calls["upload_file"]["path_in_repo"] == "README.md" and calls["upload_file"]["repo_id"] == "someone/tiny"
+    uploaded_card = calls["upload_file"]["path_or_fileobj"].decode("utf-8")
+    assert uploaded_card.startswith("---\nlicense: apache-2.0\n---\n# my model card\n")
+    assert 'from_pretrained("someone/tiny", trust_remote_code=True)' in uploaded_card and "PATH" not in uploaded_card
+    assert '"PATH"' in (folder / "README.md").read_text(encoding="utf-8")
