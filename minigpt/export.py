@@ -12,6 +12,7 @@ an exported Space. Without a login or a network they fail with one line saying w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -226,6 +227,15 @@ def _hub_error(error: Exception) -> MiniGPTError:
 MODEL_UPLOAD_IGNORE = ["checkpoints/*", "*__pycache__*", "*.pyc"]
 
 
+def adapter_base(folder: Path) -> str | None:
+    """The base model a LoRA adapter folder names (adapter_config.json), or None for any other folder."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(config.get("base_model_name_or_path") or "") or None
+
+
 def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, token: str | None = None) -> str:
     """Upload a model folder as it is (see MODEL_UPLOAD_IGNORE), once it loads; returns the repo URL.
 
@@ -237,13 +247,23 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
     from .chat import load_model
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
+    base = adapter_base(path)
+    if base is not None and Path(base).exists():
+        raise MiniGPTError(
+            located(
+                path,
+                f"a LoRA adapter on the local model {base}, which a Hub user could not load: push the merged model "
+                "instead (train with --merge: OUT holds it)",
+            )
+        )
+    if base is None and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
     token = _hub_token(token)
     api = HfApi(token=token)
     try:
         api.whoami()  # fail on login/network before spending time on loading
-        load_model(str(path), device="cpu", need_chat_template=False)  # a folder that does not load is not uploaded
+        if base is None:  # (an adapter on a Hub model would download it first: not checked)
+            load_model(str(path), device="cpu", need_chat_template=False)  # a folder that does not load stays here
         url = api.create_repo(repo, private=private, exist_ok=True)
         card = path / "README.md"
         api.upload_folder(

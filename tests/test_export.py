@@ -182,22 +182,10 @@ def test_exported_space_runs_in_a_fresh_venv(tiny_chat_model, story_reply, tmp_p
     print(f"fresh venv install {installed - started:.0f} s, whole test {time.monotonic() - started:.0f} s")
 
 
-def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
-    """The repo gets the folder's own model card (loading the repo) and training logs (model.push_to_hub would re-save
-    the model and tokenizer only, and the Hub would write a generic card), not Trainer's checkpoints. The Hub itself is replaced by
-    recording HfApi's calls; which files go up is worked out by huggingface_hub's own pattern filter."""
+def recorded_hub(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """HfApi's login check, create_repo and uploads replaced by a record of their arguments (no network here)."""
     from huggingface_hub import HfApi, RepoUrl
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own filter
 
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_chat_model, folder)
-    card = 'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
-    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# my model card\n{card}", encoding="utf-8")
-    (folder / "training_run.json").write_text("{}", encoding="utf-8")
-    (folder / "runs").mkdir()
-    (folder / "runs" / "events.out.tfevents.1.host").write_bytes(b"tensorboard")
-    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"optimizer state")
     calls = {}
 
     def create_repo(self, repo_id: str, **kwargs) -> RepoUrl:
@@ -214,7 +202,25 @@ def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_mo
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    return calls
 
+
+def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The repo gets the folder's own model card (loading the repo) and training logs (model.push_to_hub would re-save
+    the model and tokenizer only, and the Hub would write a generic card), not Trainer's checkpoints. The Hub itself is replaced by
+    recording HfApi's calls; which files go up is worked out by huggingface_hub's own pattern filter."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own filter
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, folder)
+    card = 'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# my model card\n{card}", encoding="utf-8")
+    (folder / "training_run.json").write_text("{}", encoding="utf-8")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out.tfevents.1.host").write_bytes(b"tensorboard")
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"optimizer state")
+    calls = recorded_hub(monkeypatch)
     assert main(["push", "--model", str(folder), "--repo", "someone/tiny", "--private", "--token", "hf_x"]) == 0
     assert capsys.readouterr().out.strip() == "pushed to https://huggingface.co/someone/tiny"
     assert calls["create_repo"] == ("someone/tiny", {"private": True, "exist_ok": True})
@@ -231,3 +237,30 @@ def test_push_model_uploads_the_folder_as_it_is_without_checkpoints(tiny_chat_mo
     assert uploaded_card.startswith("---\nlicense: apache-2.0\n---\n# my model card\n")
     assert 'from_pretrained("someone/tiny", trust_remote_code=True)' in uploaded_card and "PATH" not in uploaded_card
     assert '"PATH"' in (folder / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("base", ["local", "hub"])
+def test_push_of_a_lora_adapter_needs_a_base_model_on_the_hub(base, tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An adapter folder names its base model; one trained on a local folder could not be loaded from the Hub, so it is
+    refused in one line pointing at --merge. One on a Hub model goes up as it is, its card loading the repo."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    base_model = str(tiny_chat_model) if base == "local" else "someone/base-model"
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base_model}), encoding="utf-8")
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter weights")
+    (folder / "README.md").write_text('AutoPeftModelForCausalLM.from_pretrained("PATH")\n', encoding="utf-8")
+    calls = recorded_hub(monkeypatch)
+    code = main(["push", "--model", str(folder), "--repo", "someone/adapter", "--token", "hf_x"])
+    out, err = capsys.readouterr()
+    if base == "local":
+        assert code == 2 and calls == {}
+        assert err == (
+            f"minigpt push: error: {folder}: a LoRA adapter on the local model {tiny_chat_model}, which a Hub user "
+            "could not load: push the merged model instead (train with --merge: OUT holds it)\n"
+        )
+    else:
+        assert code == 0 and out.strip() == "pushed to https://huggingface.co/someone/adapter", (out, err)
+        assert Path(calls["upload_folder"]["folder_path"]) == folder
+        assert (
+            calls["upload_file"]["path_or_fileobj"] == b'AutoPeftModelForCausalLM.from_pretrained("someone/adapter")\n'
+        )
