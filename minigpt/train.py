@@ -874,10 +874,15 @@ def prepare(args: argparse.Namespace, command: str) -> StageRun:
     )
 
 
+def _logged_losses(state) -> list[float]:
+    """The training losses Trainer logged, in order (every --logging-steps steps, and step 1)."""
+    return [entry["loss"] for entry in state.log_history if "loss" in entry]
+
+
 def _facts(run: StageRun, metrics: dict) -> dict:
     """What the model card and training_run.json say about the run."""
     args, state = run.args, run.trainer.state
-    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    losses = _logged_losses(state)
     return {
         "name": run.out.name,
         "stage": run.stage.name,
@@ -924,7 +929,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
     if trainer.is_world_process_zero():
         save_model_repo(trainer, run.tokenizer, run.out, run.stage, args, facts, run.languages)
         summary = f"saved {run.out}: step {facts['steps']}/{facts['max_steps']}"
-        logged = sum("loss" in entry for entry in trainer.state.log_history)
+        logged = len(_logged_losses(trainer.state))
         if logged == 1:  # not "x -> x", which reads as a run that learned nothing
             summary += f", train loss {facts['first_train_loss']:.4f} at step 1"
             summary += f" (the only one logged: --logging-steps {args.logging_steps})"
