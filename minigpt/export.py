@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import MiniGPTError, located, one_line_errors
+from .model_card import card_for_repo
 from .tokenization import require_tokenizer
 
 if TYPE_CHECKING:
@@ -240,8 +241,8 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
     """Upload a model folder as it is (see MODEL_UPLOAD_IGNORE), once it loads; returns the repo URL.
 
     Not `model.push_to_hub`: that re-saves the model without the folder's model card (the Hub then writes a generic
-    one), training facts, loss plot and TensorBoard logs. The card's code loads "PATH" (the folder, wherever it is);
-    the uploaded card loads the repo instead, so that it runs as pasted from the Hub page."""
+    one), training facts, loss plot and TensorBoard logs. The uploaded card's code loads the repo (card_for_repo), so
+    that it runs as pasted from the Hub page."""
     from huggingface_hub import HfApi
 
     from .chat import load_model
@@ -273,11 +274,8 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
             ignore_patterns=[*MODEL_UPLOAD_IGNORE, card.name],
         )
         if card.is_file():
-            text = card.read_text(encoding="utf-8").replace(
-                'from_pretrained("PATH"', f'from_pretrained("{url.repo_id}"'
-            )
             api.upload_file(
-                path_or_fileobj=text.encode("utf-8"),
+                path_or_fileobj=card_for_repo(card.read_text(encoding="utf-8"), url.repo_id).encode("utf-8"),
                 path_in_repo=card.name,
                 repo_id=url.repo_id,
                 commit_message="Model card: the code loads this repo",

@@ -95,6 +95,11 @@ Training curves: `loss.png`; TensorBoard logs: `runs/` (`tensorboard --logdir ru
 """
 
 
+def card_for_repo(card: str, repo_id: str) -> str:
+    """The card's code with the Hub repo in place of the folder placeholder "PATH" (for `minigpt push`)."""
+    return card.replace('from_pretrained("PATH"', f'from_pretrained("{repo_id}"')
+
+
 def trained_stage(folder: str | Path) -> str | None:
     """The stage (pretrain, sft, dpo) whose run wrote `folder`, from its training_run.json; None if it has none."""
     try:
