@@ -751,7 +751,7 @@ def save_model_repo(trainer: Trainer, tokenizer, out: Path, stage: Stage, args, 
         tags = ["minigpt", stage.name, "custom_code"] + (["lora"] if args.lora else [])
         (staging / "README.md").write_text(render_model_card(facts, languages, tags), encoding="utf-8")
         plot_losses(trainer.state.log_history, staging / "loss.png", f"minigpt {stage.name}: {out.name}")
-        (staging / RUN_FACTS_FILE).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n")
+        (staging / RUN_FACTS_FILE).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name in MODEL_FILES:
             (out / name).unlink(missing_ok=True)
         for item in staging.iterdir():

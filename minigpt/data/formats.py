@@ -652,7 +652,7 @@ def load_records(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     arrow_path, summary_path = cache / f"records-{key}.arrow", cache / f"records-{key}.json"
     if arrow_path.exists() and summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
         dataset = Dataset.from_file(str(arrow_path))
     else:
         skipped, formats_seen = SkipCounter(), Counter()
@@ -697,6 +697,6 @@ def _wrong_kind_message(fmt: Format, kind: str) -> str:
 
 def _write_text_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)
     os.replace(temporary, path)
