@@ -35,6 +35,7 @@ from .chat import (
     sampling_from_args,
 )
 from .errors import MiniGPTError, located
+from .model_card import RUN_FACTS_FILE, run_facts
 
 __all__ = ["PROMPTS", "chat_reply", "perplexity", "question_accuracy", "read_questions", "read_texts", "reply_is_right"]
 
@@ -249,9 +250,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--questions", default=None, metavar="FILE", help="JSONL questions instead of the built-in ones"
     )
     parser.add_argument("--no-qa", action="store_true", help="skip the question accuracy")
-    parser.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world the model was trained on")
     parser.add_argument(
-        "--world-size", type=int, default=None, help="size of that world; if not given, build_world's default"
+        "--world-seed",
+        type=int,
+        default=None,
+        help="seed of the built-in world to ask about; if not given, the one the model's training_run.json records "
+        "(the quick start's models record theirs), else 0",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="people in that world; if not given, as recorded, else build_world's default",
     )
     parser.add_argument("--qa-limit", type=int, default=200, help="ask at most this many questions (0 = all)")
     parser.add_argument("--no-prompts", action="store_true", help="skip the fixed prompt set")
@@ -259,11 +269,37 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_sampling_arguments(parser, Sampling(max_new_tokens=64, temperature=0.0))
 
 
-def _heldout_questions(seed: int, size: int | None) -> list[dict]:
+def recorded_world(model_folder: str) -> dict[str, int]:
+    """The built-in world the model's training_run.json records (`world`: seed and people, written by the quick
+    start), or {} if it records none."""
+    world = run_facts(model_folder).get("world")
+    if world is not None and not (
+        isinstance(world, dict) and all(isinstance(world.get(key), int) for key in ("seed", "size"))
+    ):
+        raise MiniGPTError(
+            located(Path(model_folder) / RUN_FACTS_FILE, 'not {"seed": int, "size": int}', field="world")
+        )
+    return world or {}
+
+
+def built_in_questions(seed: int | None, size: int | None, recorded: dict[str, int]) -> tuple[list[dict], str]:
+    """The held-out questions of a built-in world, and which world that is: the seed and size given, else those the
+    model's training run recorded (`recorded_world`), else seed 0 at build_world's default size. A quick start's
+    world has 50 people (30 with --tiny), not the default 200: another world's questions would be about people the
+    model never read of."""
     from .data.world import build_world
 
+    seed = seed if seed is not None else recorded.get("seed", 0)
+    size = size if size is not None else recorded.get("size")
     world = build_world(seed=seed) if size is None else build_world(seed=seed, size=size)
-    return world.heldout_questions()
+    people = sum(entity.kind == "person" for entity in world.entities)
+    if not recorded:
+        source = "the default; the model's training_run.json records no world"
+    elif (seed, people) == (recorded["seed"], recorded["size"]):
+        source = "the world the model's training_run.json records"
+    else:
+        source = f"the model's training_run.json records seed {recorded['seed']}, {recorded['size']} people"
+    return world.heldout_questions(), f"built-in world, seed {seed}, {people} people ({source})"
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -271,6 +307,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     check_window(args.max_length, args.stride)  # before the model loads
     texts = read_texts(args.text)
     questions = read_questions(args.questions) if args.questions else None
+    world = recorded_world(args.adapter or args.model) if questions is None and not args.no_qa else {}
     model, tokenizer = load_model(args.model, args.adapter, args.device, need_chat_template=False)
     # A model `minigpt pretrain` wrote carries the chat template for the SFT to come, but has never seen a
     # conversation: like a model without a template, it continues the prompts as text and gets no questions.
@@ -280,7 +317,9 @@ def run(args: argparse.Namespace, command: str) -> int:
         report.update(perplexity(model, tokenizer, texts, args.stride, args.max_length))
     if not args.no_qa and (questions is not None or chat):
         if questions is None:
-            questions = _heldout_questions(args.world_seed, args.world_size)
+            questions, report["qa_questions"] = built_in_questions(args.world_seed, args.world_size, world)
+        else:
+            report["qa_questions"] = args.questions
         if 0 < args.qa_limit < len(questions):
             # Evenly spaced, so both languages and every kind of question stay in the sample.
             questions = [questions[i * len(questions) // args.qa_limit] for i in range(args.qa_limit)]
@@ -310,6 +349,7 @@ def _print_report(report: dict, files: int) -> None:
             f"{lang} {c['accuracy']:.1%} ({c['correct']}/{c['total']})" for lang, c in report["qa_by_language"].items()
         )
         print(f"question acc.  {report['qa_accuracy']:.1%} ({report['qa_correct']}/{report['qa_total']}); {languages}")
+        print(f"               questions: {report['qa_questions']}")
     for item in report.get("prompts", []):
         reply = item["reply"].replace("\n", "\n     ")
         if report["prompts_as"] == "chat":

@@ -7,6 +7,7 @@ is, how it was trained and on what, its final losses, and how to load it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -100,10 +101,25 @@ def card_for_repo(card: str, repo_id: str) -> str:
     return card.replace('from_pretrained("PATH"', f'from_pretrained("{repo_id}"')
 
 
-def trained_stage(folder: str | Path) -> str | None:
-    """The stage (pretrain, sft, dpo) whose run wrote `folder`, from its training_run.json; None if it has none."""
+def run_facts(folder: str | Path) -> dict[str, Any]:
+    """The facts of the run that wrote `folder` (its training_run.json); {} if it has none (a Hub id has none here)."""
     try:
         facts = json.loads((Path(folder) / RUN_FACTS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return facts.get("stage") if isinstance(facts, dict) else None
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def trained_stage(folder: str | Path) -> str | None:
+    """The stage (pretrain, sft, dpo) whose run wrote `folder`, from its training_run.json; None if it has none."""
+    return run_facts(folder).get("stage")
+
+
+def add_run_facts(folder: str | Path, **facts: Any) -> None:
+    """Add facts to `folder`'s training_run.json: written to a temporary file, then renamed over the old one."""
+    path = Path(folder) / RUN_FACTS_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(
+        json.dumps({**run_facts(folder), **facts}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    os.replace(temporary, path)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import MiniGPTError
+from .model_card import add_run_facts
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,15 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def _stage(command: str, argv: list[str]) -> dict:
-    """Run `minigpt <command> ARGV...` in this process; returns the facts of the run."""
+def _stage(command: str, argv: list[str], world: dict[str, int]) -> dict:
+    """Run `minigpt <command> ARGV...` in this process and record in the model's training_run.json which built-in
+    world it learned (`minigpt eval` then asks that world's questions); returns the facts of the run."""
     from . import train
 
-    return train.train(train.resolve_args(train.parse_args(command, argv), command), command)
+    args = train.resolve_args(train.parse_args(command, argv), command)
+    facts = train.train(args, command)
+    add_run_facts(args.out, world=world)
+    return facts
 
 
 def _sample_questions(questions: list[dict], per_language: int, seed: int) -> list[dict]:
@@ -174,6 +179,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     save_tokenizer(tokenizer, out / "tokenizer")
     seconds["data_and_tokenizer"] = round(time.monotonic() - clock, 1)
 
+    world_facts = {"seed": seed, "size": plan.people}
     common = ["--seed", str(seed), "--precision", precision, "--save-steps", "0", "--overwrite"]
     common += ["--eval-fraction", "0.01", "--eval-steps", "0.5", "--logging-steps", "10"]
 
@@ -189,6 +195,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
             *["--lr", str(plan.pretrain_lr), "--warmup", "0.05", "--min-lr-ratio", "0.1", "--weight-decay", "0.1"],
             *common,
         ],
+        world_facts,
     )
     seconds["pretrain"] = round(time.monotonic() - clock, 1)
 
@@ -204,6 +211,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
             *["--neftune-alpha", str(plan.sft_neftune_alpha)],
             *common,
         ],
+        world_facts,
     )
     seconds["sft"] = round(time.monotonic() - clock, 1)
 
@@ -257,5 +265,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
         f"on {accuracy['total']} questions"
     )
     stages = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-    print(f"time: {stages}\nchat with it: minigpt chat --model {out / 'chat'}\nreport: {out / 'report.json'}")
+    print(f"time: {stages}\nchat with it: minigpt chat --model {out / 'chat'}")
+    print(f"evaluate it (its world's held-out questions, prompts): minigpt eval --model {out / 'chat'}")
+    print(f"report: {out / 'report.json'}")
     return report

@@ -14,6 +14,7 @@ from minigpt.chat import Sampling, chat_reply, complete_text, generate_replies, 
 from minigpt.cli import main
 from minigpt.data.world import build_world
 from minigpt.evaluate import PROMPTS, perplexity, question_accuracy, reply_is_right
+from minigpt.model_card import add_run_facts
 
 TEXT = "Once upon a time a small robot lived in a quiet town by the sea. 泽姆布拉的首都是奥恩哈瓦。 The end."
 QUESTIONS = [
@@ -118,6 +119,35 @@ def test_eval_asks_the_built_in_worlds_heldout_questions(tiny_chat_model, capsys
     assert 0.0 <= report["qa_accuracy"] <= 1.0 and "perplexity" not in report  # no --text: no perplexity
     heldout = {item["question"] for item in build_world(seed=0).heldout_questions()}
     assert {item["question"] for item in report["qa_results"]} <= heldout
+    assert report["qa_questions"] == (
+        "built-in world, seed 0, 200 people (the default; the model's training_run.json records no world)"
+    )
+
+
+def test_eval_asks_about_the_world_the_models_training_run_records(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+    """A quick start's model records its world (seed, people) in training_run.json: eval asks that world's questions
+    unless --world-seed / --world-size say otherwise; a malformed record is a one-line error naming the file."""
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_chat_model, folder)
+    add_run_facts(folder, world={"seed": 3, "size": 10})
+
+    def questions_asked(*flags: str) -> tuple[set[str], str]:
+        assert main(["eval", "--model", str(folder), "--qa-limit", "0", "--no-prompts", "--json", *flags]) == 0
+        report = json.loads(capsys.readouterr().out)
+        return {item["question"] for item in report["qa_results"]}, report["qa_questions"]
+
+    asked, source = questions_asked()
+    assert asked == {item["question"] for item in build_world(seed=3, size=10).heldout_questions()}
+    assert source == "built-in world, seed 3, 10 people (the world the model's training_run.json records)"
+    asked, source = questions_asked("--world-seed", "4")
+    assert asked == {item["question"] for item in build_world(seed=4, size=10).heldout_questions()}
+    assert source == "built-in world, seed 4, 10 people (the model's training_run.json records seed 3, 10 people)"
+
+    add_run_facts(folder, world={"seed": "three"})
+    assert main(["eval", "--model", str(folder), "--no-prompts"]) == 2
+    assert capsys.readouterr().err == (
+        f'minigpt eval: error: {folder / "training_run.json"}: field \'world\': not {{"seed": int, "size": int}}\n'
+    )
 
 
 def test_eval_json_is_reproducible_and_matches_the_library(tiny_chat_model, loaded_chat_model, tmp_path, capsys):  # noqa: F811

@@ -16,6 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from minigpt import quickstart
+from minigpt.cli import main
 from minigpt.errors import MiniGPTError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def check_report(report: dict, plan: quickstart.Plan, max_seconds: float | None,
         assert value >= min_accuracy, (language, accuracy)
 
 
-def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_path):
+def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_path, capsys):
     out = tmp_path / "quickstart"
     report, stdout = run_quickstart_command(out, "--tiny", timeout=600)
     # No wall-time bound here: on a shared CI core it measures the neighbours, not us. The --tiny run's time is
@@ -72,6 +73,11 @@ def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_
     # It printed chats in both languages and the accuracy.
     assert re.search(r"model: .*[\u4e00-\u9fff]", stdout) and re.search(r"model: [A-Za-z]", stdout)
     assert "held-out question accuracy:" in stdout
+    # `minigpt eval` on its chat model asks about this world (training_run.json records it), not the default one.
+    assert main(["eval", "--model", str(out / "chat"), "--qa-limit", "10", "--no-prompts", "--json"]) == 0
+    asked = {item["question"] for item in json.loads(capsys.readouterr().out)["qa_results"]}
+    heldout = (out / "data/heldout_questions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(asked) == 10 and asked <= {json.loads(line)["question"] for line in heldout}
 
 
 def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
