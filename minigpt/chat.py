@@ -218,6 +218,24 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+# A byte-level BPE tokenizer spells a character it has no token for in byte tokens: a reply cut off by max_new_tokens
+# (or a Stop) among them decodes to the replacement character U+FFFD, which is not text the model wrote.
+UNFINISHED_CHARACTER = "\ufffd"
+
+
+class ReplyStreamer(TextIteratorStreamer):
+    """transformers' TextIteratorStreamer, without an unfinished character at the end of the stream."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        super().on_finalized_text(text.rstrip(UNFINISHED_CHARACTER) if stream_end else text, stream_end=stream_end)
+
+
+def decode_replies(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor) -> list[str]:
+    """Each row's generated tokens as text, stripped, without an unfinished character at the end."""
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [text.rstrip(UNFINISHED_CHARACTER).strip() for text in texts]
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_prompt_tokens: int | None = None
 ) -> torch.Tensor:
@@ -257,7 +275,7 @@ def stream_generate(
     """
     stop = stop or threading.Event()
     # No timeout: a big model's first token may take long on a CPU, and a failed generate() ends the stream below.
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = sampling.generate_kwargs()
     limit = context_length(model)
     if limit is not None:
@@ -319,8 +337,7 @@ def generate_replies(
     prompts = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
     batch = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     output = model.generate(**batch.to(model.device), **sampling.generate_kwargs())
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return decode_replies(tokenizer, output[:, batch["input_ids"].shape[1] :])
 
 
 def complete_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, **sampling) -> str:

@@ -17,8 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TextIteratorStreamer
 
-from minigpt.chat import ChatSession, Sampling, chat_loop, chat_reply, encode_chat, load_model, stream_reply
+from minigpt.chat import (
+    ChatSession,
+    ReplyStreamer,
+    Sampling,
+    chat_loop,
+    chat_reply,
+    decode_replies,
+    encode_chat,
+    load_model,
+    stream_reply,
+)
 from minigpt.errors import MiniGPTError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +133,24 @@ def run_minigpt(*args: str, stdin: str | None = None, env: dict | None = None, t
         timeout=timeout,
         cwd=PROJECT_ROOT,
     )
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(loaded_chat_model):
+    """A character the tokenizer has no token for is several byte tokens; a reply cut off among them (max_new_tokens,
+    Stop) ends before that character instead of with U+FFFD, streamed or decoded in a batch."""
+    _, tokenizer = loaded_chat_model
+    ids = tokenizer("银河龘", add_special_tokens=False).input_ids
+    cut = torch.tensor(ids[:-1])  # the last byte of 龘 never came
+    assert tokenizer.decode(cut) == "银河\ufffd"  # what transformers' streamer and batch_decode give
+
+    def streamed(streamer) -> str:
+        streamer.put(cut)
+        streamer.end()
+        return "".join(streamer)
+
+    assert streamed(TextIteratorStreamer(tokenizer)) == "银河\ufffd"
+    assert streamed(ReplyStreamer(tokenizer)) == "银河"
+    assert decode_replies(tokenizer, torch.stack([cut, cut])) == ["银河", "银河"]
 
 
 def test_chat_prompt_prints_the_reply_and_exits_zero(tiny_chat_model):
