@@ -7,7 +7,6 @@ is, how it was trained and on what, its final losses, and how to load it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +38,8 @@ def _number(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, dict):  # e.g. the built-in world: "seed 0, size 50"
+        return ", ".join(f"{key} {item}" for key, item in value.items())
     return str(value)
 
 
@@ -113,13 +114,3 @@ def run_facts(folder: str | Path) -> dict[str, Any]:
 def trained_stage(folder: str | Path) -> str | None:
     """The stage (pretrain, sft, dpo) whose run wrote `folder`, from its training_run.json; None if it has none."""
     return run_facts(folder).get("stage")
-
-
-def add_run_facts(folder: str | Path, **facts: Any) -> None:
-    """Add facts to `folder`'s training_run.json: written to a temporary file, then renamed over the old one."""
-    path = Path(folder) / RUN_FACTS_FILE
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(
-        json.dumps({**run_facts(folder), **facts}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    os.replace(temporary, path)

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import MiniGPTError
-from .model_card import add_run_facts
 
 
 @dataclass(frozen=True)
@@ -113,14 +112,12 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 
 def _stage(command: str, argv: list[str], world: dict[str, int]) -> dict:
-    """Run `minigpt <command> ARGV...` in this process and record in the model's training_run.json which built-in
-    world it learned (`minigpt eval` then asks that world's questions); returns the facts of the run."""
+    """Run `minigpt <command> ARGV...` in this process, recording with the run's facts which built-in world the model
+    learned (`minigpt eval` asks that world's questions, and models trained from it inherit the record); returns the
+    facts of the run."""
     from . import train
 
-    args = train.resolve_args(train.parse_args(command, argv), command)
-    facts = train.train(args, command)
-    add_run_facts(args.out, world=world)
-    return facts
+    return train.train(train.resolve_args(train.parse_args(command, argv), command), command, {"world": world})
 
 
 def _sample_questions(questions: list[dict], per_language: int, seed: int) -> list[dict]:

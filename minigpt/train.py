@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .errors import MiniGPTError, located, one_line_errors
-from .model_card import RUN_FACTS_FILE
+from .model_card import RUN_FACTS_FILE, run_facts
 from .tokenization import require_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -879,10 +879,18 @@ def _logged_losses(state) -> list[float]:
     return [entry["loss"] for entry in state.log_history if "loss" in entry]
 
 
-def _facts(run: StageRun, metrics: dict) -> dict:
-    """What the model card and training_run.json say about the run."""
+# Facts of the model a run starts from that hold for the new model too: the built-in world it learned (the quick start
+# records it; `minigpt eval` asks that world's questions).
+INHERITED_FACTS = ("world",)
+
+
+def _facts(run: StageRun, metrics: dict, extra: dict | None = None) -> dict:
+    """What the model card and training_run.json say about the run: its own facts, those the base model hands on
+    (INHERITED_FACTS) and `extra` from the caller."""
     args, state = run.args, run.trainer.state
     losses = _logged_losses(state)
+    base_facts = run_facts(args.model) if args.model else {}
+    inherited = {key: base_facts[key] for key in INHERITED_FACTS if key in base_facts}
     return {
         "name": run.out.name,
         "stage": run.stage.name,
@@ -907,11 +915,14 @@ def _facts(run: StageRun, metrics: dict) -> dict:
         "eval_loss": metrics.get("eval_loss"),
         "eval_perplexity": metrics.get("eval_perplexity"),
         "wall_time_s": round(time.monotonic() - run.started, 1),
+        **inherited,
+        **(extra or {}),
     }
 
 
-def train(args: argparse.Namespace, command: str) -> dict:
-    """Run one stage with fully resolved arguments and save the model repo; returns the facts of the run."""
+def train(args: argparse.Namespace, command: str, extra_facts: dict | None = None) -> dict:
+    """Run one stage with fully resolved arguments and save the model repo; returns the facts of the run (plus
+    `extra_facts`, written into the model card and training_run.json with them)."""
     run = prepare(args, command)
     trainer, checkpoint = run.trainer, run.checkpoint
     if checkpoint is not None and _finished(checkpoint):
@@ -925,7 +936,7 @@ def train(args: argparse.Namespace, command: str) -> dict:
     # Trainer turns the KV cache off for training; the saved model (and any use of it in this process) wants it on.
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
 
-    facts = _facts(run, metrics)
+    facts = _facts(run, metrics, extra_facts)
     if trainer.is_world_process_zero():
         save_model_repo(trainer, run.tokenizer, run.out, run.stage, args, facts, run.languages)
         summary = f"saved {run.out}: step {facts['steps']}/{facts['max_steps']}"

@@ -14,7 +14,6 @@ from minigpt.chat import Sampling, chat_reply, complete_text, generate_replies, 
 from minigpt.cli import main
 from minigpt.data.world import build_world
 from minigpt.evaluate import PROMPTS, perplexity, question_accuracy, reply_is_right
-from minigpt.model_card import add_run_facts
 
 TEXT = "Once upon a time a small robot lived in a quiet town by the sea. 泽姆布拉的首都是奥恩哈瓦。 The end."
 QUESTIONS = [
@@ -124,12 +123,19 @@ def test_eval_asks_the_built_in_worlds_heldout_questions(tiny_chat_model, capsys
     )
 
 
+def record_world(folder, world: dict) -> None:
+    """What the quick start records: the built-in world in the model's training_run.json."""
+    facts_file = folder / "training_run.json"
+    facts = json.loads(facts_file.read_text(encoding="utf-8")) if facts_file.exists() else {}
+    facts_file.write_text(json.dumps({**facts, "world": world}), encoding="utf-8")
+
+
 def test_eval_asks_about_the_world_the_models_training_run_records(tiny_chat_model, tmp_path, capsys):  # noqa: F811
     """A quick start's model records its world (seed, people) in training_run.json: eval asks that world's questions
     unless --world-seed / --world-size say otherwise; a malformed record is a one-line error naming the file."""
     folder = tmp_path / "chat"
     shutil.copytree(tiny_chat_model, folder)
-    add_run_facts(folder, world={"seed": 3, "size": 10})
+    record_world(folder, {"seed": 3, "size": 10})
 
     def questions_asked(*flags: str) -> tuple[set[str], str]:
         assert main(["eval", "--model", str(folder), "--qa-limit", "0", "--no-prompts", "--json", *flags]) == 0
@@ -143,7 +149,7 @@ def test_eval_asks_about_the_world_the_models_training_run_records(tiny_chat_mod
     assert asked == {item["question"] for item in build_world(seed=4, size=10).heldout_questions()}
     assert source == "built-in world, seed 4, 10 people (the model's training_run.json records seed 3, 10 people)"
 
-    add_run_facts(folder, world={"seed": "three"})
+    record_world(folder, {"seed": "three"})
     assert main(["eval", "--model", str(folder), "--no-prompts"]) == 2
     assert capsys.readouterr().err == (
         f'minigpt eval: error: {folder / "training_run.json"}: field \'world\': not {{"seed": int, "size": int}}\n'

@@ -73,8 +73,18 @@ def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_
     # It printed chats in both languages and the accuracy.
     assert re.search(r"model: .*[\u4e00-\u9fff]", stdout) and re.search(r"model: [A-Za-z]", stdout)
     assert "held-out question accuracy:" in stdout
-    # `minigpt eval` on its chat model asks about this world (training_run.json records it), not the default one.
-    assert main(["eval", "--model", str(out / "chat"), "--qa-limit", "10", "--no-prompts", "--json"]) == 0
+    # Both models record their world (seed 0, 30 people) with the run's facts; a model trained from the chat model
+    # inherits the record, and `minigpt eval` asks about that world, not the default one (seed 0, 200 people).
+    world = {"seed": 0, "size": quickstart.TINY.people}
+    for model in ("pretrain", "chat"):
+        assert json.loads((out / model / "training_run.json").read_text(encoding="utf-8"))["world"] == world
+    assert "| world | seed 0, size 30 |" in (out / "chat" / "README.md").read_text(encoding="utf-8")
+    more = tmp_path / "more"
+    sft = ["sft", "--model", str(out / "chat"), "--data", str(out / "data/sft.jsonl"), "--out", str(more)]
+    assert main([*sft, "--max-steps", "2", "--save-steps", "0"]) == 0
+    assert json.loads((more / "training_run.json").read_text(encoding="utf-8"))["world"] == world
+    capsys.readouterr()
+    assert main(["eval", "--model", str(more), "--qa-limit", "10", "--no-prompts", "--json"]) == 0
     asked = {item["question"] for item in json.loads(capsys.readouterr().out)["qa_results"]}
     heldout = (out / "data/heldout_questions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(asked) == 10 and asked <= {json.loads(line)["question"] for line in heldout}
