@@ -270,14 +270,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def recorded_world(model_folder: str) -> dict[str, int]:
-    """The built-in world the model's training_run.json records (`world`: seed and people, written by the quick
-    start), or {} if it records none."""
-    world = run_facts(model_folder).get("world")
+    """The built-in world the model's training_run.json records (`built_in_world`: seed and people; the quick start
+    records it, and models trained from its models inherit it), or {} if it records none."""
+    world = run_facts(model_folder).get("built_in_world")
     if world is not None and not (
         isinstance(world, dict) and all(isinstance(world.get(key), int) for key in ("seed", "size"))
     ):
         raise MiniGPTError(
-            located(Path(model_folder) / RUN_FACTS_FILE, 'not {"seed": int, "size": int}', field="world")
+            located(Path(model_folder) / RUN_FACTS_FILE, 'not {"seed": int, "size": int}', field="built_in_world")
         )
     return world or {}
 

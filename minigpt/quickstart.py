@@ -117,7 +117,7 @@ def _stage(command: str, argv: list[str], world: dict[str, int]) -> dict:
     facts of the run."""
     from . import train
 
-    return train.train(train.resolve_args(train.parse_args(command, argv), command), command, {"world": world})
+    return train.train(train.resolve_args(train.parse_args(command, argv), command), command, {"built_in_world": world})
 
 
 def _sample_questions(questions: list[dict], per_language: int, seed: int) -> list[dict]:

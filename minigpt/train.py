@@ -881,7 +881,7 @@ def _logged_losses(state) -> list[float]:
 
 # Facts of the model a run starts from that hold for the new model too: the built-in world it learned (the quick start
 # records it; `minigpt eval` asks that world's questions).
-INHERITED_FACTS = ("world",)
+INHERITED_FACTS = ("built_in_world",)
 
 
 def _facts(run: StageRun, metrics: dict, extra: dict | None = None) -> dict:

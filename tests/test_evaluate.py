@@ -127,7 +127,7 @@ def record_world(folder, world: dict) -> None:
     """What the quick start records: the built-in world in the model's training_run.json."""
     facts_file = folder / "training_run.json"
     facts = json.loads(facts_file.read_text(encoding="utf-8")) if facts_file.exists() else {}
-    facts_file.write_text(json.dumps({**facts, "world": world}), encoding="utf-8")
+    facts_file.write_text(json.dumps({**facts, "built_in_world": world}), encoding="utf-8")
 
 
 def test_eval_asks_about_the_world_the_models_training_run_records(tiny_chat_model, tmp_path, capsys):  # noqa: F811
@@ -152,7 +152,7 @@ def test_eval_asks_about_the_world_the_models_training_run_records(tiny_chat_mod
     record_world(folder, {"seed": "three"})
     assert main(["eval", "--model", str(folder), "--no-prompts"]) == 2
     assert capsys.readouterr().err == (
-        f'minigpt eval: error: {folder / "training_run.json"}: field \'world\': not {{"seed": int, "size": int}}\n'
+        f'minigpt eval: error: {folder / "training_run.json"}: field \'built_in_world\': not {{"seed": int, "size": int}}\n'
     )
 
 

@@ -77,12 +77,12 @@ def test_tiny_quickstart_trains_a_chat_model_that_knows_some_held_out_facts(tmp_
     # inherits the record, and `minigpt eval` asks about that world, not the default one (seed 0, 200 people).
     world = {"seed": 0, "size": quickstart.TINY.people}
     for model in ("pretrain", "chat"):
-        assert json.loads((out / model / "training_run.json").read_text(encoding="utf-8"))["world"] == world
-    assert "| world | seed 0, size 30 |" in (out / "chat" / "README.md").read_text(encoding="utf-8")
+        assert json.loads((out / model / "training_run.json").read_text(encoding="utf-8"))["built_in_world"] == world
+    assert "| built_in_world | seed 0, size 30 |" in (out / "chat" / "README.md").read_text(encoding="utf-8")
     more = tmp_path / "more"
     sft = ["sft", "--model", str(out / "chat"), "--data", str(out / "data/sft.jsonl"), "--out", str(more)]
     assert main([*sft, "--max-steps", "2", "--save-steps", "0"]) == 0
-    assert json.loads((more / "training_run.json").read_text(encoding="utf-8"))["world"] == world
+    assert json.loads((more / "training_run.json").read_text(encoding="utf-8"))["built_in_world"] == world
     capsys.readouterr()
     assert main(["eval", "--model", str(more), "--qa-limit", "10", "--no-prompts", "--json"]) == 0
     asked = {item["question"] for item in json.loads(capsys.readouterr().out)["qa_results"]}
