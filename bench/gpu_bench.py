@@ -185,7 +185,7 @@ class HeadLossFromExps(torch.autograd.Function):
         target_logits = logits.gather(1, safe_targets[:, None])[:, 0].float()
         count = keep.sum()
         loss = torch.where(keep, sums.log() + shift[:, 0] - target_logits, 0.0).sum() / count
-        exps = exps_fp32.to(hidden.dtype)
+        exps = exps_fp32.to(logits.dtype)  # bf16 under autocast too (its float32 weights stay out of the matmuls)
         # the target's entry: exp - sum, computed in float32 and rounded once
         exps[torch.arange(exps.shape[0], device=exps.device), safe_targets] = (
             torch.exp(target_logits - shift[:, 0]) - sums
@@ -196,10 +196,10 @@ class HeadLossFromExps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, exps, row_scale = ctx.saved_tensors
-        row_scale = (row_scale * grad_loss).to(hidden.dtype)[:, None]  # (N, 1): 0 for tokens without a target
-        grad_hidden = (exps @ weight) * row_scale
-        grad_weight = exps.t() @ (hidden * row_scale)
-        return grad_hidden, grad_weight, None, None
+        row_scale = (row_scale * grad_loss).to(exps.dtype)[:, None]  # (N, 1): 0 for tokens without a target
+        grad_hidden = (exps @ weight.to(exps.dtype)) * row_scale
+        grad_weight = exps.t() @ (hidden.to(exps.dtype) * row_scale)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None
 
 
 def sdpa_backends() -> str:

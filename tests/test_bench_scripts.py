@@ -112,6 +112,42 @@ def test_gpu_bench_head_exps_loss_in_bf16_is_as_precise_as_transformers_loss(mon
     assert all(error <= 1.25 * reference + 1e-4 for error, reference in zip(fused, baseline)), (fused, baseline)
 
 
+def test_gpu_bench_head_exps_loss_under_autocast_keeps_bf16_exps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast (float32 weights, bf16 matmuls) the kept (tokens x vocab) exps are bf16, as the logits are, so
+    the backward matmuls run in bf16; the gradients come back float32 and agree with transformers' loss under the
+    same autocast to bf16 rounding."""
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "bench"))
+    from gpu_bench import HeadLossFromExps
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(96, 32), torch.randn(500, 32) * 0.3
+    targets = torch.randint(0, 500, (96,))
+    saved_dtypes = {}
+
+    def under_autocast(loss_of):
+        def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            def remember(tensor: torch.Tensor) -> torch.Tensor:
+                saved_dtypes[tuple(tensor.shape)] = tensor.dtype
+                return tensor
+
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16),
+                torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor),
+            ):
+                return loss_of(hidden, weight, targets)
+
+        return run
+
+    expected = head_and_loss_gradients(under_autocast(transformers_style_loss), hidden, weight, targets)
+    saved_dtypes.clear()
+    fused = under_autocast(lambda h, w, t: HeadLossFromExps.apply(h, w, t, -100))
+    got = head_and_loss_gradients(fused, hidden, weight, targets)
+    assert saved_dtypes[(96, 500)] == torch.bfloat16
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    for g, e in zip(got, expected):
+        assert ((g - e).norm() / e.norm()).item() < 2e-2
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_every_step_on_cpu_with_tiny_shapes() -> None:
     out = run_bench("bash", "bench/gpu.sh", "--device", "cpu", "--tiny", timeout=600)  # ~2 minutes: torch.compile
