@@ -294,7 +294,7 @@ def built_in_questions(seed: int | None, size: int | None, recorded: dict[str, i
     world = build_world(seed=seed) if size is None else build_world(seed=seed, size=size)
     people = sum(entity.kind == "person" for entity in world.entities)
     if not recorded:
-        source = "the default; the model's training_run.json records no world"
+        source = "the model's training_run.json records no world"
     elif (seed, people) == (recorded["seed"], recorded["size"]):
         source = "the world the model's training_run.json records"
     else:

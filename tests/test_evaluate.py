@@ -119,7 +119,7 @@ def test_eval_asks_the_built_in_worlds_heldout_questions(tiny_chat_model, capsys
     heldout = {item["question"] for item in build_world(seed=0).heldout_questions()}
     assert {item["question"] for item in report["qa_results"]} <= heldout
     assert report["qa_questions"] == (
-        "built-in world, seed 0, 200 people (the default; the model's training_run.json records no world)"
+        "built-in world, seed 0, 200 people (the model's training_run.json records no world)"
     )
 
 
