@@ -949,6 +949,7 @@ def train(args: argparse.Namespace, command: str, extra_facts: dict | None = Non
         if facts["eval_perplexity"] is not None:
             summary += f", eval loss {facts['eval_loss']:.4f} (perplexity {facts['eval_perplexity']:.2f})"
         print(summary)
+    trainer.accelerator.wait_for_everyone()  # data parallel: no process leaves while the first one saves
     return facts
 
 
@@ -961,4 +962,10 @@ def resolve_args(args: argparse.Namespace, command: str) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, command: str) -> int:
     train(resolve_args(args, command), command)
+    # One stage per process: take a data-parallel process group down before the interpreter exits. Left to exit with
+    # gloo's threads running, a process once aborted (SIGABRT, "terminate called without an active exception") and
+    # the launcher failed the run.
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
     return 0
