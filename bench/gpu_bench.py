@@ -20,11 +20,11 @@ import torch
 from measure import configure_cpu, machine_description, matmul_gflops, synchronize
 from pairs import PEER_NAMES, matmul_parameters, peer_config
 from torch import nn
-from torch.nn import functional as F
 from transformers import CompileConfig, GPT2LMHeadModel, Qwen2ForCausalLM
 
 from minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from minigpt.convert import to_native
+from minigpt.modeling_minigpt import next_token_targets
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
 
@@ -156,8 +156,8 @@ def head_exps_loss(model: nn.Module) -> Callable[..., torch.Tensor]:
 
     def loss_of(input_ids: torch.Tensor, labels: torch.Tensor, **inputs: object) -> torch.Tensor:
         hidden = model.base_model(input_ids=input_ids, **inputs).last_hidden_state
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1, as transformers' loss
-        return HeadLossFromExps.apply(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), -100)
+        targets = next_token_targets(labels)  # (B*T,): position t predicts token t + 1, as transformers' loss
+        return HeadLossFromExps.apply(hidden.flatten(0, 1), model.lm_head.weight, targets, -100)
 
     return loss_of
 
