@@ -380,6 +380,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, stage: Stage):
                 from peft import AutoPeftModelForCausalLM
 
                 model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).merge_and_unload()
+                model.requires_grad_(True)  # peft froze the base weights; merged, they are what this run trains
             else:
                 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:

@@ -334,6 +334,24 @@ def test_lora_on_other_stages_saves_an_adapter_that_peft_reloads(pretrained, cor
     run_model_card_code(out, cwd=tmp_path)  # the card's snippet loads the adapter with peft, without our package
 
 
+def test_a_lora_adapter_as_model_is_merged_and_trained_whole(pretrained, corpus, shared_data, tmp_path):
+    base, _ = pretrained
+    adapter = tmp_path / "adapter"
+    run_stage(
+        "pretrain",
+        *["--model", str(base), "--out", str(adapter), "--data", str(corpus["xiyouji"]), "--block-size", "64"],
+        *["--max-steps", "2", "--eval-fraction", "0", "--lora"],
+    )
+    out = tmp_path / "sft"
+    facts = run_stage(
+        "sft",
+        *["--model", str(adapter), "--out", str(out), "--data", str(shared_data / "minimind/lora_identity.jsonl")],
+        *["--max-length", "64", "--max-steps", "2", "--eval-fraction", "0"],
+    )
+    assert facts["trained_parameters"] == facts["parameters"]  # every merged weight, not the frozen base's 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
 # --- losses equal a hand computation ---------------------------------------------------------------------------------
 
 
