@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from .configuration_minigpt import MiniGPTConfig
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, located, refuse_to_replace_source
 from .modeling_minigpt import MiniGPTForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -473,8 +473,7 @@ def convert_dir(
     if to not in ("minigpt", "native"):
         raise ValueError(f"convert_dir: to must be 'minigpt' or 'native', got {to!r}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if out_dir.resolve() == src_dir.resolve():
-        raise MiniGPTError(located(out_dir, "OUT_DIR must differ from SRC_DIR"))
+    refuse_to_replace_source(out_dir, src_dir)
     _check_writable(out_dir, overwrite)  # before the (possibly long) load
     if to == "minigpt":
         source = _load_native(src_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class MiniGPTError(Exception):
@@ -24,6 +25,14 @@ def located(path: str | os.PathLike | None, message: str, line: int | None = Non
     if field:
         prefix += f"field '{field}': "
     return prefix + message
+
+
+def refuse_to_replace_source(out: str | os.PathLike, source: str | os.PathLike, name: str = "OUT_DIR") -> None:
+    """Writing the folder `out` replaces it (--overwrite): refuse when the `source` it reads is that folder or lies
+    inside it, which the replacement would delete."""
+    out_path, source_path = Path(out).resolve(), Path(source).resolve()
+    if out_path == source_path or out_path in source_path.parents:
+        raise MiniGPTError(located(out, f"{name} holds {source}, which writing it would delete: choose another {name}"))
 
 
 def first_line(error: BaseException) -> str:

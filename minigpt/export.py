@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MiniGPTError, located, one_line_errors
+from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source
 from .model_card import card_for_repo
 from .tokenization import require_tokenizer
 
@@ -163,6 +163,7 @@ def export_space(
     bundled = Path(model).exists()
     if bundled:
         _check_model_folder(Path(model))
+        refuse_to_replace_source(out, model, "the Space folder")
     elif not HUB_ID.match(model):
         raise MiniGPTError(located(model, "no such folder, and not a Hugging Face Hub id like 'user/model'"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -241,6 +241,14 @@ def test_cli_refuses_to_replace_an_existing_output_unless_asked(tmp_path: Path, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["native", "out"]  # no staging folder left over
 
 
+def test_cli_refuses_an_output_that_would_delete_the_source(tmp_path: Path, capsys) -> None:
+    random_native("gpt2-mha-tied").save_pretrained(tmp_path / "models" / "native")
+    for out in (tmp_path / "models" / "native", tmp_path / "models", tmp_path):  # the source itself, or a parent
+        assert main(["convert", "--from-native", str(tmp_path / "models" / "native"), str(out), "--overwrite"]) == 2
+        assert f"{out}: OUT_DIR holds " in capsys.readouterr().err
+    assert (tmp_path / "models" / "native" / "model.safetensors").is_file()
+
+
 def test_crash_while_saving_leaves_no_output_behind(tmp_path: Path, monkeypatch) -> None:
     random_native("gpt2-mha-tied").save_pretrained(tmp_path / "native")
 

@@ -103,6 +103,16 @@ def test_export_overwrite_replaces_the_folder(tiny_chat_model, tmp_path):  # noq
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space"]
 
 
+def test_export_refuses_a_space_folder_that_holds_the_model(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    model = tmp_path / "runs" / "chat"
+    shutil.copytree(tiny_chat_model, model)
+    assert main(["export", "--space", str(tmp_path / "runs"), "--model", str(model), "--overwrite"]) == 2
+    assert f"{tmp_path / 'runs'}: the Space folder holds {model}" in capsys.readouterr().err
+    assert (model / "config.json").is_file()
+
+
 def test_push_without_login_fails_with_one_line(tiny_chat_model, tmp_path, monkeypatch, capsys):  # noqa: F811
     from huggingface_hub import constants
 
