@@ -17,6 +17,7 @@ This file is copied next to the weights by `save_pretrained`, so it imports only
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -238,9 +239,15 @@ class MiniGPTConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MiniGPTConfig:
-        """A config with the named shape; any field can be overridden (`from_preset("gpt2", num_hidden_layers=6)`)."""
+        """A config with the named shape; any field can be overridden (`from_preset("gpt2", num_hidden_layers=6)`),
+        and a name that is not a field is refused (a config keeps unknown keys, so a typo would change nothing)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        fields = cls().to_dict()
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                raise ValueError(f"unknown config field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return cls(**{**PRESETS[name], **overrides})
 
 

@@ -144,6 +144,8 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
 
     if out.exists() and not out.is_dir():
         raise MiniGPTError(f"{out}: is a file; --out names a folder for the data, models and report")
+    if not 0 <= seed < 2**32:  # now, not after the world and tokenizer are written
+        raise MiniGPTError(f"--seed must be in [0, 2**32), got {seed}")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES) if out.is_dir() else []
     if foreign:
         raise MiniGPTError(

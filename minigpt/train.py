@@ -280,7 +280,10 @@ NUMBER_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("lora_rank", lambda v: v >= 1, "at least 1"),
     ("lora_alpha", lambda v: v > 0, "above 0"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("num_proc", lambda v: v >= 1, "at least 1"),
 )
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def _check_args(args: argparse.Namespace, stage: Stage) -> None:
@@ -300,8 +303,16 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
     for folder, flag in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
         if folder and not Path(folder).is_dir():
             raise MiniGPTError(located(folder, f"{flag}: no such folder"))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise MiniGPTError(located(args.out, "--out: a file, not a folder"))
+    if args.lora and not args.model:
+        raise MiniGPTError("--lora adapts a trained model (--model DIR); a new model from a preset trains all weights")
     if args.merge and not args.lora:
         raise MiniGPTError("--merge merges a LoRA adapter: pass --lora too")
+    defaults = build_parser(stage.name)
+    for option in LORA_OPTIONS:
+        if not args.lora and getattr(args, option) != defaults.get_default(option):
+            raise MiniGPTError(f"--{option.replace('_', '-')} sets up a LoRA adapter: pass --lora too")
     for flag, allowed, rule in NUMBER_RULES:
         value = getattr(args, flag, None)  # flags of other stages are absent; optional ones are None
         if value is not None and not allowed(value):

@@ -99,6 +99,10 @@ def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
     args = quickstart.build_parser().parse_args(["--out", str(tmp_path / "notes.txt"), "--tiny"])
     with pytest.raises(MiniGPTError, match="notes.txt: is a file; --out names a folder"):
         quickstart.run(args, "quickstart")
+    args = quickstart.build_parser().parse_args(["--out", str(tmp_path / "new"), "--tiny", "--seed", "-1"])
+    with pytest.raises(MiniGPTError, match=re.escape("--seed must be in [0, 2**32), got -1")):
+        quickstart.run(args, "quickstart")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -537,8 +537,23 @@ def test_yaml_config_mistakes_name_file_line_and_field(tmp_path, text, message):
         ("pretrain", ["--tokenizer", ".", "--data", "x", "--out", "o", "--block-size", "1"], "--block-size must be at"),
         ("sft", ["--model", ".", "--data", "x", "--out", "o", "--mix-ratio", "1"], "--mix-ratio must be in [0, 1)"),
         ("sft", ["--model", ".", "--data", "x", "--out", "o"], ".: --model: no tokenizer (no tokenizer.json)"),
+        ("pretrain", ["--tokenizer", ".", "--data", "x", "--out", "o", "--lora"], "--lora adapts a trained model"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o", "--lora-rank", "4"], "--lora-rank sets up a LoRA"),
+        ("dpo", ["--model", ".", "--data", "x", "--out", "o", "--lora-targets", "q_proj"], "--lora-targets sets up"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "o", "--num-proc", "-2"], "--num-proc must be at least 1"),
+        ("sft", ["--model", ".", "--data", "x", "--out", "README.md"], "README.md: --out: a file, not a folder"),
     ],
 )
 def test_stage_argument_mistakes_are_user_errors(command, argv, message):
     with pytest.raises(MiniGPTError, match=re.escape(message)):
         train.resolve_args(train.parse_args(command, argv), command)
+
+
+def test_a_misspelt_model_config_field_is_refused(corpus, tmp_path):
+    with pytest.raises(MiniGPTError, match=re.escape("--model-config: unknown config field 'hiden_size' (did you mean")):
+        run_stage(
+            "pretrain",
+            *["--data", str(corpus["xiyouji"]), "--tokenizer", str(corpus["tokenizer"]), "--out", str(tmp_path / "m")],
+            *["--preset", "tiny-qwen", "--model-config", "hiden_size=128", "--max-steps", "1"],
+        )
