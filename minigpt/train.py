@@ -934,7 +934,21 @@ def _facts(run: StageRun, metrics: dict, extra: dict | None = None) -> dict:
 
 def train(args: argparse.Namespace, command: str, extra_facts: dict | None = None) -> dict:
     """Run one stage with fully resolved arguments and save the model repo; returns the facts of the run (plus
-    `extra_facts`, written into the model card and training_run.json with them)."""
+    `extra_facts`, written into the model card and training_run.json with them). A run that fails before its first
+    checkpoint removes the --out folder it created: no empty or half-filled folder is left behind."""
+    out = Path(args.out).absolute()
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]
+    created = missing[-1] if missing else None  # the outermost folder the run will create for --out
+    try:
+        return _train(args, command, extra_facts)
+    except BaseException:
+        first_process = int(os.environ.get("RANK", "0")) == 0
+        if created and first_process and not any((out / CHECKPOINTS_DIR).glob("checkpoint-*")):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _train(args: argparse.Namespace, command: str, extra_facts: dict | None) -> dict:
     run = prepare(args, command)
     trainer, checkpoint = run.trainer, run.checkpoint
     if checkpoint is not None and _finished(checkpoint):

@@ -550,6 +550,23 @@ def test_stage_argument_mistakes_are_user_errors(command, argv, message):
         train.resolve_args(train.parse_args(command, argv), command)
 
 
+def test_a_run_that_fails_on_its_data_leaves_no_output_folder(pretrained, tmp_path):
+    base, _ = pretrained
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data.write_text(json.dumps({"conversations": turns}) + '\n{"conversations": [\n', encoding="utf-8")
+    for out in (tmp_path / "new", tmp_path / "new" / "nested"):
+        with pytest.raises(MiniGPTError, match="chat.jsonl:2"):
+            run_stage("sft", "--model", str(base), "--data", str(data), "--out", str(out))
+        assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(MiniGPTError, match="chat.jsonl:2"):
+        run_stage("sft", "--model", str(base), "--data", str(data), "--out", str(kept))
+    assert [path.name for path in kept.iterdir()] == ["notes.txt"]  # a folder the run did not create stays
+
+
 def test_a_misspelt_model_config_field_is_refused(corpus, tmp_path):
     with pytest.raises(MiniGPTError, match=re.escape("--model-config: unknown config field 'hiden_size' (did you mean")):
         run_stage(
