@@ -522,6 +522,14 @@ class _StageTrainerMixin:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint leaves out an LM head tied to the embedding (it is the same tensor), and Trainer then warned on
+        # every --resume of "missing keys ['lm_head.weight']". Warn only about keys that are really missing.
+        model = self.accelerator.unwrap_model(self.model)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being written, Trainer's "output dir" is the staging folder.
         return self._staging_dir or super()._get_output_dir(trial)
@@ -675,9 +683,12 @@ def find_resumable_checkpoint(checkpoints: Path) -> Path | None:
     return newest
 
 
-def _finished(checkpoint: Path) -> bool:
+def _finished(checkpoint: Path, max_steps: int) -> bool:
+    """Whether the run of `checkpoint` is done: at --max-steps when given (a larger one continues it), else at the
+    step count that run planned."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state["max_steps"] > 0 and state["global_step"] >= state["max_steps"]
+    planned = max_steps if max_steps > 0 else state["max_steps"]
+    return planned > 0 and state["global_step"] >= planned
 
 
 def _prepare_checkpoints(args: argparse.Namespace, checkpoints: Path, is_main: bool) -> Path | None:
@@ -951,13 +962,23 @@ def train(args: argparse.Namespace, command: str, extra_facts: dict | None = Non
 def _train(args: argparse.Namespace, command: str, extra_facts: dict | None) -> dict:
     run = prepare(args, command)
     trainer, checkpoint = run.trainer, run.checkpoint
-    if checkpoint is not None and _finished(checkpoint):
-        # Trainer would run one more step on a finished run; load its final state instead.
-        print(f"{checkpoint.name} already finished this run: nothing to train")
-        trainer._load_from_checkpoint(str(checkpoint))
-        trainer.state = trainer.state.load_from_json(str(checkpoint / "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        if checkpoint is not None and _finished(checkpoint, args.max_steps):
+            # Trainer would run one more step on a finished run; load its final state instead.
+            print(f"{checkpoint.name} already finished this run: nothing to train")
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = trainer.state.load_from_json(str(checkpoint / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except RuntimeError as error:
+        if checkpoint is None or "Error(s) in loading state_dict" not in str(error):
+            raise
+        mismatch = str(error).splitlines()[-1].strip()  # "size mismatch for model.embed_tokens.weight: ..."
+        raise MiniGPTError(
+            located(
+                checkpoint, f"does not fit this run's model (another preset, --model-config or tokenizer?): {mismatch}"
+            )
+        ) from error
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     # Trainer turns the KV cache off for training; the saved model (and any use of it in this process) wants it on.
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True

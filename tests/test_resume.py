@@ -137,6 +137,32 @@ def test_resuming_a_finished_run_trains_nothing(setup, uninterrupted):
     assert facts["final_train_loss"] == reference["final_train_loss"]
 
 
+def test_resuming_a_finished_run_with_more_max_steps_trains_on(setup, uninterrupted, capfd):
+    source, reference = uninterrupted
+    out = setup["folder"] / "extended"
+    shutil.copytree(source, out)
+    capfd.readouterr()
+    facts = run_in_process(pretrain_argv(setup, out, "--resume", "--max-steps", str(STEPS + SAVE_EVERY)))
+    assert facts["steps"] == STEPS + SAVE_EVERY and facts["finished"]
+    log = "".join(capfd.readouterr())
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{STEPS}'}" in log
+    assert "missing keys" not in log  # the tied LM head is not in the checkpoint, and is not missing
+    before, after = weights(source), weights(out)
+    assert any(not before[name].equal(after[name]) for name in before)
+
+
+def test_resuming_with_another_model_shape_is_refused_in_one_line(setup, uninterrupted):
+    source, _ = uninterrupted
+    out = setup["folder"] / "reshaped"
+    shutil.copytree(source, out)
+    argv = pretrain_argv(
+        setup, out, "--resume", "--max-steps", str(STEPS + 1), "--model-config", "intermediate_size=40"
+    )
+    with pytest.raises(MiniGPTError, match=r"checkpoint-12: does not fit this run's model .*size mismatch for model\."):
+        run_in_process(argv)
+    assert (out / "checkpoints" / f"checkpoint-{STEPS}").is_dir()
+
+
 def test_checkpoint_missing_optimizer_state_is_refused(setup, uninterrupted):
     source, _ = uninterrupted
     out = setup["folder"] / "damaged"

@@ -568,7 +568,9 @@ def test_a_run_that_fails_on_its_data_leaves_no_output_folder(pretrained, tmp_pa
 
 
 def test_a_misspelt_model_config_field_is_refused(corpus, tmp_path):
-    with pytest.raises(MiniGPTError, match=re.escape("--model-config: unknown config field 'hiden_size' (did you mean")):
+    with pytest.raises(
+        MiniGPTError, match=re.escape("--model-config: unknown config field 'hiden_size' (did you mean")
+    ):
         run_stage(
             "pretrain",
             *["--data", str(corpus["xiyouji"]), "--tokenizer", str(corpus["tokenizer"]), "--out", str(tmp_path / "m")],
