@@ -27,7 +27,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .errors import MiniGPTError, located, one_line_errors
+from .errors import MiniGPTError, first_line, located, one_line_errors
 from .model_card import trained_stage
 from .tokenization import require_tokenizer
 
@@ -112,6 +112,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps; if not given, cuda when available")
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device torch cannot parse, or whose kind of accelerator this machine or this torch lacks."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise MiniGPTError(f"--device {device}: {first_line(error)}") from error
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise MiniGPTError(f"--device {device}: no {kind} device here (torch {torch.__version__}); use --device cpu")
+
+
 def load_model(
     model_name: str,
     adapter: str | None = None,
@@ -134,6 +145,7 @@ def load_model(
     with one_line_errors(model_name, "cannot load the tokenizer" if path.exists() else not_found):
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     # float32 on CPU: bf16 matmuls are slow there; on a GPU keep the dtype the weights were saved in.
     dtype = dtype or (torch.float32 if device == "cpu" else "auto")
     with one_line_errors(model_name, "cannot load the model" if path.exists() else not_found):

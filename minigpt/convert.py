@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from .configuration_minigpt import MiniGPTConfig
-from .errors import MiniGPTError, located, refuse_to_replace_source
+from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source
 from .modeling_minigpt import MiniGPTForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -399,12 +399,10 @@ def _load(
         raise MiniGPTError(located(config_path, str(error).splitlines()[0])) from None
     except MiniGPTError as error:  # no equivalent on the other side: say which file the field lives in
         raise MiniGPTError(located(config_path, str(error))) from None
-    try:
+    with one_line_errors(model_dir):  # no weights file, or an unreadable or truncated one
         model, info = AutoModelForCausalLM.from_pretrained(
             model_dir, config=config, dtype="auto", output_loading_info=True
         )
-    except OSError as error:  # no weights file, or an unreadable one
-        raise MiniGPTError(located(model_dir, str(error).splitlines()[0])) from None
     absent = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
     if absent:
         shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")

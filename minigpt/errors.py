@@ -43,9 +43,12 @@ def first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def one_line_errors(where: str | os.PathLike, what: str | None = None) -> Iterator[None]:
-    """Turn a library's OSError or ValueError while reading `where` (missing files, a model type transformers does
-    not know, an impossible config value) into a one-line MiniGPTError: `where: what: the first line of its message`."""
+    """Turn a library's OSError, ValueError or SafetensorError while reading `where` (missing files, a model type
+    transformers does not know, an impossible config value, a truncated weights file) into a one-line MiniGPTError:
+    `where: what: the first line of its message`."""
+    from safetensors import SafetensorError  # a damaged weights file: "incomplete metadata", "header too large"
+
     try:
         yield
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise MiniGPTError(located(where, f"{what}: {first_line(error)}" if what else first_line(error))) from error

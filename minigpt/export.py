@@ -63,6 +63,11 @@ def _check_model_folder(path: Path) -> None:
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
     if not any(file for pattern in WEIGHT_FILES for file in path.glob(pattern)):
         raise MiniGPTError(located(path, "no weights (no model.safetensors): the Space would have nothing to load"))
+    from safetensors import safe_open
+
+    for weights in path.glob("*.safetensors"):  # reads the header only: a file cut short fails here
+        with one_line_errors(weights, "damaged weights file"), safe_open(weights, "pt"):
+            pass
     require_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer
 

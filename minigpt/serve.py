@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     parser.add_argument(
         "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
         default="auto",
-        help="dtype to serve in: auto (as the weights were saved), bfloat16, float16, float32",
+        help="dtype to serve in (auto: as the weights were saved)",
     )
 
 
@@ -129,6 +130,8 @@ def _run_server(command: list[str], cwd: Path) -> int:
 def run(args: argparse.Namespace, command: str) -> int:
     from transformers.utils.import_utils import is_serve_available
 
+    from .chat import check_device
+
     if not is_serve_available():
         raise MiniGPTError(
             "transformers' server needs FastAPI, Uvicorn and openai: pip install 'transformers[serving]'"
@@ -137,6 +140,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise MiniGPTError(f"--name {name!r}: give a relative name such as 'chat' or 'you/minigpt-chat'")
     _check_port_free(args.host, args.port)
+    if args.device:
+        check_device(args.device)
     with tempfile.TemporaryDirectory(prefix="minigpt-serve-") as workdir:
         print(f"minigpt serve: preparing {args.model}{f' with {args.adapter}' if args.adapter else ''} ...")
         class_name = write_servable_model(args.model, args.adapter, Path(workdir) / name)

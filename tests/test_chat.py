@@ -349,6 +349,38 @@ def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_chat_model), "--top-p", "0", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == "minigpt chat: error: --top-p must be in (0, 1]\n"
+    assert main(["chat", "--model", str(tiny_chat_model), "--device", "foo", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("minigpt chat: error: --device foo: Expected one of cpu, cuda")
+    if not torch.cuda.is_available():
+        assert main(["chat", "--model", str(tiny_chat_model), "--device", "cuda", "--prompt", "hi"]) == 2
+        assert "error: --device cuda: no cuda device here" in capsys.readouterr().err
+
+
+def test_a_weights_file_cut_short_is_a_one_line_error_in_every_command(tiny_chat_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    from minigpt.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, folder, ignore=shutil.ignore_patterns("checkpoints", "runs"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": conversation_messages()[0]}) + "\n")
+    commands = {
+        "chat": ["--model", str(folder), "--prompt", "hi"],
+        "eval": ["--model", str(folder), "--no-prompts"],
+        "sft": ["--model", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "1"],
+        "export": ["--model", str(folder), "--space", str(tmp_path / "space")],
+        "convert": ["--to-native", str(folder), str(tmp_path / "native")],
+    }
+    for command, rest in commands.items():
+        assert main([command, *rest]) == 2, command
+        error = capsys.readouterr().err
+        assert error.startswith(f"minigpt {command}: error: {folder}") and error.count("\n") == 1, error
+        assert "incomplete metadata, file not fully covered" in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "sft.jsonl"]
 
 
 @pytest.mark.parametrize(
