@@ -444,11 +444,12 @@ def _check_writable(out_dir: Path, overwrite: bool) -> None:
 def _write_atomically(model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """save_pretrained into a hidden folder beside `out_dir`, then rename it into place: never a half-written model."""
     _check_writable(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        with one_line_errors(out_dir, "cannot write"):  # no such place, no permission, disk full
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(staging)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, staging / name)

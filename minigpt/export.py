@@ -173,8 +173,9 @@ def export_space(
         raise MiniGPTError(located(model, "no such folder, and not a Hugging Face Hub id like 'user/model'"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MiniGPTError(located(out, "already exists and is not empty (pass --overwrite to replace it)"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with one_line_errors(out, "cannot create the folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the Space folder should read like any other
     try:
         if bundled:

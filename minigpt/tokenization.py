@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, located, one_line_errors
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -187,6 +187,8 @@ def train_tokenizer(
     100th document)."""
     from .data.formats import iter_texts
 
+    if out_dir is not None:  # before the training, not after it
+        _check_out_dir(Path(out_dir))
     start = time.perf_counter()
     split = _HeldOutSplit(iter_texts(paths, format=format, text_field=text_field, skip_invalid=skip_invalid))
     texts = _with_role_headers(split)
@@ -211,10 +213,22 @@ def train_tokenizer(
     return tokenizer
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """--out must be a folder that holds no model: a new tokenizer there would silently replace the one the model's
+    embeddings were trained with (its token ids then mean other text)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MiniGPTError(located(out_dir, "--out: a file, not a folder"))
+    if (out_dir / "config.json").is_file():
+        raise MiniGPTError(
+            located(out_dir, "holds a model (config.json), whose tokenizer this would replace: choose another --out")
+        )
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLike) -> None:
     """Save into a temporary folder beside `out_dir`, then move the files in, so a crash leaves no half tokenizer."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with one_line_errors(out_dir, "cannot write the tokenizer"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tokenizer.save_pretrained(staging)

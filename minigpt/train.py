@@ -843,7 +843,8 @@ def prepare(args: argparse.Namespace, command: str) -> StageRun:
     probe = training_arguments(args, stage, precision, checkpoints, has_eval=args.eval_fraction > 0)
     is_main = probe.process_index == 0
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with one_line_errors(out, "--out: cannot create the folder"):
+            out.mkdir(parents=True, exist_ok=True)
     with probe.main_process_first(desc="reading the data"):
         checkpoint = _prepare_checkpoints(args, checkpoints, is_main)
         rows_per_step = args.batch_size * args.grad_accum * probe.world_size

@@ -185,3 +185,22 @@ def test_train_tokenizer_command_reports_a_bad_line_in_one_line_and_exits_2(tmp_
         f"minigpt train-tokenizer: error: {bad}:2: malformed JSON: Unterminated string starting at (column 10)"
     ]
     assert not (tmp_path / "tok").exists()
+
+
+def test_train_tokenizer_refuses_an_out_that_is_a_file_or_a_model_before_training(tmp_path: Path, capsys, monkeypatch):
+    from minigpt import tokenization
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(tokenization, "build_tokenizer_from_texts", no_training)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("the model's own")
+    for out, message in ((text, "--out: a file, not a folder"), (model, "holds a model (config.json)")):
+        assert main(["train-tokenizer", "--data", str(text), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"minigpt train-tokenizer: error: {out}: {message}")
+    assert (model / "tokenizer.json").read_text() == "the model's own"
