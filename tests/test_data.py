@@ -303,6 +303,16 @@ BAD_INPUTS = {
         "bad.json:1: field 'conversations[0].from': unknown role 'observation' (expected one of assistant, gpt, human, system, user)",
     ),
     "record not an object": (b'[{"text": "a"}, "b"]', ".json", "bad.json:1: expected a JSON object, got str"),
+    "empty reply": (
+        f'{GOOD_TURNS}\n{{"conversations": [{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": " "}}]}}\n'.encode(),
+        ".jsonl",
+        "bad.jsonl:2: field 'conversations[1].content': assistant reply is empty",
+    ),
+    "empty alpaca output": (
+        b'[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": "c", "input": "", "output": ""}]',
+        ".json",
+        "bad.json:2: field 'output': assistant reply is empty",
+    ),
 }
 
 
@@ -530,6 +540,23 @@ def test_preference_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(
     )
     with pytest.raises(MiniGPTError, match="every preference prompt is at least 8 tokens long"):
         prepare_preference(pairs, tokenizer, max_length=8)
+
+
+def test_preference_pairs_with_the_same_reply_twice_are_left_out_and_counted(read, shared_data, tokenizer, capsys):
+    path = shared_data / "dpo/rasbt_instruction-data-with-preference_en.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    same = sum(record["chosen"] == record["rejected"] for record in raw)
+    pairs = read(path, "preference")
+    assert same > 0 and len(pairs) == len(raw)  # read as they are (as SFT data, the chosen reply is fine)
+    capsys.readouterr()
+    kept = prepare_preference(pairs, tokenizer, max_length=1024)
+    assert len(kept) == len(raw) - same
+    assert all(pair["chosen"] != pair["rejected"] for pair in kept)
+    assert capsys.readouterr().out == (
+        f"left out {same:,} of {len(raw):,} preference pairs whose chosen and rejected replies are the same\n"
+    )
+    with pytest.raises(MiniGPTError, match="every preference pair has the same chosen and rejected reply"):
+        prepare_preference(pairs.filter(lambda pair: pair["chosen"] == pair["rejected"]), tokenizer, max_length=1024)
 
 
 # --- the flags, defined once for every stage -----------------------------------------------------------------------

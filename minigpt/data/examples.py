@@ -200,19 +200,32 @@ class SFTCollator:
 
 
 def prepare_preference(dataset: Dataset, tokenizer, max_length: int, num_proc: int | None = None) -> Dataset:
-    """Keep the pairs TRL's DPOTrainer can learn from at `max_length`: its prompt must leave room for a reply.
+    """Keep the pairs TRL's DPOTrainer can learn from at `max_length`: two different replies (the same reply twice
+    gives no gradient; real files have such pairs), and a prompt that leaves room for a reply.
 
-    TRL drops such pairs itself, but when it drops all of them the error is an opaque IndexError; here the count is
-    printed and an empty result is a MiniGPTError."""
+    TRL drops long prompts itself, but when it drops all of them the error is an opaque IndexError; here the counts
+    are printed and an empty result is a MiniGPTError."""
+
+    def different_replies(batch: dict[str, list]) -> list[bool]:
+        return [
+            chosen[-1]["content"] != rejected[-1]["content"]
+            for chosen, rejected in zip(batch["chosen"], batch["rejected"])
+        ]
 
     def prompt_fits(batch: dict[str, list]) -> list[bool]:
         prompts = tokenizer.apply_chat_template(batch["prompt"], add_generation_prompt=True, return_dict=True)
         return [len(ids) < max_length for ids in prompts["input_ids"]]
 
-    kept = dataset.filter(prompt_fits, batched=True, num_proc=num_proc, desc="Checking prompt lengths")
-    dropped = len(dataset) - len(kept)
+    different = dataset.filter(different_replies, batched=True, num_proc=num_proc, desc="Checking replies")
+    if len(different) == 0:
+        raise MiniGPTError("every preference pair has the same chosen and rejected reply: nothing to prefer")
+    if len(different) < len(dataset):
+        same = len(dataset) - len(different)
+        print(f"left out {same:,} of {len(dataset):,} preference pairs whose chosen and rejected replies are the same")
+    kept = different.filter(prompt_fits, batched=True, num_proc=num_proc, desc="Checking prompt lengths")
+    dropped = len(different) - len(kept)
     if dropped:
-        print(f"dropped {dropped:,} of {len(dataset):,} preference pairs whose prompt fills max length {max_length}")
+        print(f"dropped {dropped:,} of {len(different):,} preference pairs whose prompt fills max length {max_length}")
     if len(kept) == 0:
         raise MiniGPTError(f"every preference prompt is at least {max_length} tokens long: raise --max-length")
     return kept
