@@ -106,6 +106,20 @@ def port_number(text: str) -> int:
     return port
 
 
+def at_least(minimum: int):
+    """argparse type of a whole-number flag with a smallest sensible value (--concurrency 0 wrote a Space that never
+    answers)."""
+
+    def parse(text: str) -> int:
+        number = int(text)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{number} is too small: give {minimum} or more")
+        return number
+
+    parse.__name__ = "number"  # argparse's message for a non-number: "invalid number value: 'x'"
+    return parse
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (save_pretrained layout) or Hugging Face Hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (peft) to apply on top of --model")

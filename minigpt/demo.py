@@ -19,6 +19,7 @@ from .chat import (
     Sampling,
     add_model_arguments,
     add_sampling_arguments,
+    at_least,
     context_length,
     count_parameters,
     load_model,
@@ -186,18 +187,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
-    parser.add_argument("--concurrency", type=int, default=4, help="replies generated at the same time")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are turned away")
+    parser.add_argument("--concurrency", type=at_least(1), default=4, help="replies generated at the same time")
     parser.add_argument(
-        "--max-input-tokens", type=int, default=None, help="longest message in tokens; if not given, half the context"
+        "--max-queue", type=at_least(1), default=64, help="requests allowed to wait; more are turned away"
+    )
+    parser.add_argument(
+        "--max-input-tokens",
+        type=at_least(1),
+        default=None,
+        help="longest message in tokens; if not given, half the context",
     )
     parser.add_argument("--title", default="MiniGPT", help="title shown above the chat")
     add_sampling_arguments(parser)
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    if args.concurrency < 1 or args.max_queue < 1:
-        raise MiniGPTError("--concurrency and --max-queue must be at least 1")
     note_if_only_pretrained(args.model, args.adapter)
     serve(
         args.model,

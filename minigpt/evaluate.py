@@ -26,6 +26,7 @@ from .chat import (
     Sampling,
     add_model_arguments,
     add_sampling_arguments,
+    at_least,
     chat_reply,
     complete_text,
     context_length,
@@ -263,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default=None,
         help="people in that world; if not given, as recorded, else build_world's default",
     )
-    parser.add_argument("--qa-limit", type=int, default=200, help="ask at most this many questions (0 = all)")
+    parser.add_argument("--qa-limit", type=at_least(0), default=200, help="ask at most this many questions (0 = all)")
     parser.add_argument("--no-prompts", action="store_true", help="skip the fixed prompt set")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     add_sampling_arguments(parser, Sampling(max_new_tokens=64, temperature=0.0))

@@ -326,12 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             "--space", "--out", dest="space", required=True, metavar="OUT_DIR", help="folder to write the Space into"
         )
         parser.add_argument("--model", required=True, help="model folder (copied into the Space) or a Hub model id")
-        parser.add_argument("--title", default="MiniGPT chat", help="the Space's title")
-        parser.add_argument("--concurrency", type=int, default=2, help="replies generated at once on the Space")
-        parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait on the Space")
-        parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-        from .chat import add_sampling_arguments
+        from .chat import add_sampling_arguments, at_least
 
+        parser.add_argument("--title", default="MiniGPT chat", help="the Space's title")
+        parser.add_argument("--concurrency", type=at_least(1), default=2, help="replies generated at once on the Space")
+        parser.add_argument("--max-queue", type=at_least(1), default=32, help="requests allowed to wait on the Space")
+        parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
         add_sampling_arguments(parser)
     else:
         what = parser.add_mutually_exclusive_group(required=True)

@@ -438,3 +438,22 @@ def test_adapter_of_another_base_shape_is_one_line(tiny_chat_model, tmp_path, ca
         f"minigpt chat: error: {tmp_path / 'adapter'}: was trained on a base model of another shape than --model "
         "(size mismatch for base_model.model.model.layers.0."
     )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--model", "m", "--concurrency", "0"], "argument --concurrency: 0 is too small: give 1 or more"),
+        (["demo", "--model", "m", "--max-input-tokens", "-1"], "argument --max-input-tokens: -1 is too small"),
+        (["export", "--model", "m", "--space", "s", "--concurrency", "0"], "argument --concurrency: 0 is too small"),
+        (["export", "--model", "m", "--space", "s", "--max-queue", "0"], "argument --max-queue: 0 is too small"),
+        (["eval", "--model", "m", "--qa-limit", "-1"], "argument --qa-limit: -1 is too small: give 0 or more"),
+        (["demo", "--model", "m", "--concurrency", "many"], "argument --concurrency: invalid number value: 'many'"),
+    ],
+)
+def test_counts_below_their_minimum_are_refused_by_the_parser(argv, message, capsys):
+    from minigpt.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
