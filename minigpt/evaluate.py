@@ -313,10 +313,16 @@ def run(args: argparse.Namespace, command: str) -> int:
     # A model `minigpt pretrain` wrote carries the chat template for the SFT to come, but has never seen a
     # conversation: like a model without a template, it continues the prompts as text and gets no questions.
     chat = bool(tokenizer.chat_template) and not only_pretrained(args.model, args.adapter)
+    asks_questions = not args.no_qa and (questions is not None or chat)
+    if not texts and not asks_questions and args.no_prompts:
+        why = "--no-qa" if args.no_qa else "a model that has not learnt to chat gets no built-in questions"
+        raise MiniGPTError(
+            located(args.model, f"nothing to evaluate ({why}, --no-prompts): give --text FILE or drop --no-prompts")
+        )
     report: dict = {"model": args.model}
     if texts:
         report.update(perplexity(model, tokenizer, texts, args.stride, args.max_length))
-    if not args.no_qa and (questions is not None or chat):
+    if asks_questions:
         if questions is None:
             questions, report["qa_questions"] = built_in_questions(args.world_seed, args.world_size, world)
         else:

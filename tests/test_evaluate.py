@@ -196,6 +196,12 @@ def test_eval_of_a_pretrained_model_continues_the_prompts(tiny_chat_model, tmp_p
     model, tokenizer = load_model(str(folder), device="cpu", need_chat_template=False)
     continued = [complete_text(model, tokenizer, prompt, max_new_tokens=4, temperature=0) for prompt in PROMPTS]
     assert [item["reply"] for item in report["prompts"]] == continued
+    # Without the prompts such a model has nothing to be evaluated on: said, not an empty report.
+    assert main(["eval", "--model", str(folder), "--no-prompts"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"minigpt eval: error: {folder}: nothing to evaluate (a model that has not learnt to chat gets no built-in "
+        "questions, --no-prompts): give --text FILE or drop --no-prompts\n"
+    )
 
 
 def test_eval_bad_inputs_are_one_line_errors(tiny_chat_model, tmp_path, capsys):  # noqa: F811
@@ -216,3 +222,5 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_chat_model, tmp_path, capsys):
     # 0 is refused as training refuses it, not read as "the default"
     assert main(["eval", "--model", str(tiny_chat_model), "--text", str(text), "--max-length", "0"]) == 2
     assert capsys.readouterr().err == "minigpt eval: error: --max-length: the window must be at least 2 tokens, got 0\n"
+    assert main(["eval", "--model", str(tiny_chat_model), "--no-qa", "--no-prompts"]) == 2
+    assert "nothing to evaluate (--no-qa, --no-prompts)" in capsys.readouterr().err
