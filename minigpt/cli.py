@@ -46,13 +46,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where that says nothing: no value (None), a switch that is off,
+    or an option the user must give anyway."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def command_parser(command: str) -> tuple[object, argparse.ArgumentParser]:
     """The module of `minigpt COMMAND` and its argument parser."""
     module_name, description = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f"minigpt {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=f"minigpt {command}", description=description, formatter_class=HelpFormatter)
     module.add_arguments(parser, command)
     return module, parser
 

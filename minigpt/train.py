@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         mixing.add_argument("--mix-ratio", type=float, default=0.5, help="share of training rows from --mix-data")
         mixing.add_argument(
-            "--mix-block-size", type=int, default=None, help="tokens per --mix-data row; None: --max-length"
+            "--mix-block-size", type=int, default=None, help="tokens per --mix-data row; if not given, --max-length"
         )
         parser.add_argument(
             "--neftune-alpha",
@@ -120,16 +120,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             metavar="KEY=VALUE",
             help="override preset fields, e.g. hidden_size=256 num_hidden_layers=4",
         )
-        model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (from `minigpt train-tokenizer`)")
+        model.add_argument(
+            "--tokenizer",
+            metavar="DIR",
+            help="tokenizer folder (from `minigpt train-tokenizer`); required for a new model",
+        )
         model.add_argument("--model", metavar="DIR", help="continue pretraining this model instead of a new preset")
     else:
-        model.add_argument("--model", metavar="DIR", help="model folder to start from (a LoRA adapter is merged first)")
-        model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder; None: the model's")
+        model.add_argument(
+            "--model", metavar="DIR", help="model folder to start from (a LoRA adapter is merged first); required"
+        )
+        model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder; if not given, the model's")
     if command == "dpo":
         model.add_argument("--beta", type=float, default=0.1, help="DPO beta: how far the model may move from --model")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--out", help="output folder: a Hugging Face model repo, plus checkpoints/ and runs/")
+    run.add_argument(
+        "--out",
+        help="output folder: a Hugging Face model repo, plus checkpoints/ and runs/; required, here or in --config",
+    )
     run.add_argument("--seed", type=int, default=42, help="seed for initialisation, data order and dropout")
     run.add_argument("--epochs", type=float, default=stage.epochs, help="passes over the data")
     run.add_argument("--max-steps", type=int, default=-1, help="optimizer steps to run (overrides --epochs when > 0)")

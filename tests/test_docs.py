@@ -77,3 +77,12 @@ def test_relative_links_point_to_files_that_exist(readme: str) -> None:
     targets = re.findall(r"\]\(([^)#:]+)\)", path.read_text(encoding="utf-8"))  # [text](target), no URLs
     missing = [target for target in targets if not (path.parent / target).exists()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_shows_defaults_that_say_something_and_which_options_are_required(command: str) -> None:
+    _, parser = command_parser(command)
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if command in ("pretrain", "sft", "dpo"):
+        assert " ".join(text.split()).count("required, here or") == 2  # --data and --out (a --config may give them)

@@ -44,7 +44,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, kind: str | None = None,
         nargs="+",
         required=data_required,
         metavar="PATH",
-        help="data files or folders: .txt, .jsonl, .json, .parquet (folders are searched recursively)",
+        help="data files or folders: .txt, .jsonl, .json, .parquet (folders are searched recursively)"
+        + ("" if data_required else "; required, here or as 'data' in --config"),
     )
     group.add_argument(
         "--format",
@@ -52,23 +53,31 @@ def add_data_arguments(parser: argparse.ArgumentParser, kind: str | None = None,
         default=None,
         help="force the format instead of detecting it from the records",
     )
-    group.add_argument("--text-field", default=None, help="JSON field holding the text, e.g. paragraphs; None: 'text'")
+    group.add_argument(
+        "--text-field", default=None, help="JSON field holding the text, e.g. paragraphs; if not given, 'text'"
+    )
     group.add_argument(
         "--skip-invalid", action="store_true", help="skip bad records and print a count by reason instead of stopping"
     )
     if kind == "pretrain":
         group.add_argument(
-            "--block-size", type=int, default=None, help="tokens per training block; None: the model's context length"
+            "--block-size",
+            type=int,
+            default=None,
+            help="tokens per training block; if not given, the model's context length",
         )
         group.add_argument(
             "--stride",
             type=int,
             default=None,
-            help="start a block every STRIDE tokens (overlapping sliding windows); None: the block size",
+            help="start a block every STRIDE tokens (overlapping sliding windows); if not given, the block size",
         )
     elif kind in ("sft", "preference"):
         group.add_argument(
-            "--max-length", type=int, default=None, help="longest example in tokens; None: the model's context length"
+            "--max-length",
+            type=int,
+            default=None,
+            help="longest example in tokens; if not given, the model's context length",
         )
     if kind is not None:
         group.add_argument("--num-proc", type=int, default=None, help="processes for tokenizing the data")
