@@ -162,7 +162,9 @@ def test_parquet_and_jsonl_copies_read_the_same_as_the_json_array(read, shared_d
 
 def test_mixing_kinds_is_a_clear_error(read, shared_data: Path):
     # The minimind folder holds an SFT file and a pretraining file.
-    with pytest.raises(MiniGPTError, match=r"format 'json-text' \(pretrain data\), but sft needs conversations"):
+    # The error names the file (and its first record) that is not of the kind asked for.
+    pattern = r"pretrain_hq_sample\.jsonl:1: the data is in format 'json-text' \(pretrain data\), but sft needs conv"
+    with pytest.raises(MiniGPTError, match=pattern):
         read(shared_data / "minimind", "sft")
 
 

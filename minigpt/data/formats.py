@@ -498,11 +498,13 @@ def iter_records(
     skipped: SkipCounter | None = None,
     formats_seen: Counter | None = None,
     max_document_chars: int | None = None,
+    kind: str | None = None,
 ) -> Iterator[tuple[Format, dict]]:
     """Every record of every file as (its format, the record in that format's normal form).
 
     The format is detected per file from its first readable record unless `format` forces it. Invalid records raise
-    MiniGPTError naming file, line and problem, or with `skip_invalid` are counted in `skipped` and left out."""
+    MiniGPTError naming file, line and problem, or with `skip_invalid` are counted in `skipped` and left out. With
+    `kind`, a file whose records are not of that kind (nor readable as it) is a MiniGPTError naming the file."""
     if format is not None and format not in FORMATS:
         raise MiniGPTError(f"unknown format '{format}' (known: {', '.join(FORMATS)})")
     skipped = skipped if skipped is not None else SkipCounter()
@@ -531,6 +533,8 @@ def iter_records(
                     raise MiniGPTError(located(path, problem.message, line, problem.field)) from None
                 skipped.add(problem.reason, located(path, problem.message, line, problem.field))
                 continue
+            if kind is not None and not _readable_as(fmt, kind):
+                raise MiniGPTError(located(path, _wrong_kind_message(fmt, kind), line))
             count += 1
             if formats_seen is not None:
                 formats_seen[fmt.name] += 1
@@ -666,9 +670,9 @@ def load_records(
         dataset = Dataset.from_file(str(arrow_path))
     else:
         skipped, formats_seen = SkipCounter(), Counter()
-        records = iter_records(files, format, text_field, skip_invalid, skipped, formats_seen)
+        records = iter_records(files, format, text_field, skip_invalid, skipped, formats_seen, kind=kind)
         records = tqdm(records, desc=f"Reading {len(files)} file{'s' if len(files) != 1 else ''}", unit=" records")
-        dataset = write_dataset(_batches(records, kind, files), features, arrow_path)
+        dataset = write_dataset(_batches(records, kind), features, arrow_path)
         summary = {"formats": dict(formats_seen), "skipped": skipped.summary() if skipped.counts else None}
         _write_text_atomically(summary_path, json.dumps(summary))
     if verbose:
@@ -683,17 +687,19 @@ def load_records(
     return dataset
 
 
-def _batches(records: Iterator[tuple[Format, dict]], kind: str, files: list[Path], size: int = 1000):
+def _batches(records: Iterator[tuple[Format, dict]], kind: str, size: int = 1000):
     batch: list[dict] = []
     for fmt, record in records:
-        if fmt.kind != kind and not (fmt.kind == "preference" and kind == "sft"):
-            raise MiniGPTError(_wrong_kind_message(fmt, kind))
         batch.append(convert_record(record, fmt.kind, kind))
         if len(batch) == size:
             yield {column: [r[column] for r in batch] for column in batch[0]}
             batch = []
     if batch:
         yield {column: [r[column] for r in batch] for column in batch[0]}
+
+
+def _readable_as(fmt: Format, kind: str) -> bool:
+    return fmt.kind == kind or (fmt.kind == "preference" and kind == "sft")
 
 
 def _wrong_kind_message(fmt: Format, kind: str) -> str:
