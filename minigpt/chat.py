@@ -152,6 +152,13 @@ def load_model(
     import minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 
     path = Path(model_name)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from .export import adapter_base
+
+        base = adapter_base(path)
+        raise MiniGPTError(
+            located(path, f"a LoRA adapter, not a model: pass --model {base or 'BASE_MODEL'} --adapter {path}")
+        )
     if path.exists() and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
     require_tokenizer(path)

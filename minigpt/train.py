@@ -311,7 +311,9 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
         raise MiniGPTError(f"minigpt {stage.name} starts from a trained model: pass --model DIR")
     for folder, flag in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
         if folder and not Path(folder).is_dir():
-            raise MiniGPTError(located(folder, f"{flag}: no such folder"))
+            raise MiniGPTError(
+                located(folder, f"{flag}: {'a file, not a' if Path(folder).exists() else 'no such'} folder")
+            )
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise MiniGPTError(located(args.out, "--out: a file, not a folder"))
     if args.lora and not args.model:

@@ -349,6 +349,13 @@ def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_chat_model), "--top-p", "0", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == "minigpt chat: error: --top-p must be in (0, 1]\n"
+    save_random_lora_adapter(tiny_chat_model, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["chat", "--model", str(tmp_path / "adapter"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"minigpt chat: error: {tmp_path / 'adapter'}: a LoRA adapter, not a model: "
+        f"pass --model {tiny_chat_model} --adapter {tmp_path / 'adapter'}\n"
+    )
     assert main(["chat", "--model", str(tiny_chat_model), "--device", "foo", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err.startswith("minigpt chat: error: --device foo: Expected one of cpu, cuda")
     if not torch.cuda.is_available():

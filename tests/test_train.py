@@ -543,6 +543,7 @@ def test_yaml_config_mistakes_name_file_line_and_field(tmp_path, text, message):
         ("sft", ["--model", ".", "--data", "x", "--out", "o", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         ("sft", ["--model", ".", "--data", "x", "--out", "o", "--num-proc", "-2"], "--num-proc must be at least 1"),
         ("sft", ["--model", ".", "--data", "x", "--out", "README.md"], "README.md: --out: a file, not a folder"),
+        ("sft", ["--model", "README.md", "--data", "x", "--out", "o"], "README.md: --model: a file, not a folder"),
     ],
 )
 def test_stage_argument_mistakes_are_user_errors(command, argv, message):
