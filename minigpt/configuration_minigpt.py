@@ -243,12 +243,12 @@ class MiniGPTConfig(PreTrainedConfig):
         and a name that is not a field is refused (a config keeps unknown keys, so a typo would change nothing)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        config = cls(**{**PRESETS[name], **overrides})
         fields = cls().to_dict()
-        for key in overrides:
-            if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                raise ValueError(f"unknown config field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        return cls(**{**PRESETS[name], **overrides})
+        for key in set(overrides) & (set(config.to_dict()) - set(fields)):  # kept as given: no field of ours or HF's
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ValueError(f"unknown config field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return config
 
 
 __all__ = ["MiniGPTConfig", "PRESETS"]

@@ -67,6 +67,12 @@ def test_impossible_config_raises_value_error_naming_the_field(overrides: dict, 
         MiniGPTConfig.from_preset("tiny-qwen", **overrides)
 
 
+def test_from_preset_refuses_a_field_no_config_has_but_takes_transformers_own() -> None:
+    with pytest.raises(ValueError, match=r"unknown config field 'num_layers' \(did you mean 'num_hidden_layers'\?\)"):
+        MiniGPTConfig.from_preset("tiny-qwen", num_layers=8)
+    assert MiniGPTConfig.from_preset("tiny-qwen", attn_implementation="eager")._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize(
     ("preset", "parameters"),
     [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("qwen2.5-0.5b", 494_032_768)],
