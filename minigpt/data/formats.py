@@ -118,8 +118,8 @@ def _messages(value: Any, field: str, role_key: str = "role", content_key: str =
             known = ", ".join(sorted(roles)) if roles else ", ".join(ROLES)
             raise InvalidRecord(UNKNOWN_ROLE, f"unknown role {role!r} (expected one of {known})", f"{where}.{role_key}")
         content = _field(message, content_key, where=f"{where}.{content_key}")
-        if role == "assistant" and not content.strip():  # training on it teaches the model to say nothing
-            raise InvalidRecord(EMPTY_TEXT, "assistant reply is empty", f"{where}.{content_key}")
+        if role == "assistant":
+            _nonempty_reply(content, f"{where}.{content_key}")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -133,15 +133,16 @@ def _with_assistant_turn(messages: list[dict], field: str) -> list[dict]:
 def _reply(value: Any, field: str, role_key: str = "role", content_key: str = "content", roles=None) -> list[dict]:
     """A chosen/rejected reply given as a string, a message, or a list of messages ending with the assistant's."""
     if isinstance(value, str):
-        return [{"role": "assistant", "content": _reply_text(value, field)}]
+        _check_encodable(value, field)
+        return [{"role": "assistant", "content": _nonempty_reply(value, field)}]
     messages = _messages([value] if isinstance(value, dict) else value, field, role_key, content_key, roles)
     if not messages or messages[-1]["role"] != "assistant":
         raise InvalidRecord(NO_ASSISTANT_TURN, "reply is not an assistant message", field)
     return messages
 
 
-def _reply_text(value: str, field: str) -> str:
-    _check_encodable(value, field)
+def _nonempty_reply(value: str, field: str) -> str:
+    """An assistant reply with text in it: training on an empty one teaches the model to say nothing."""
     if not value.strip():
         raise InvalidRecord(EMPTY_TEXT, "assistant reply is empty", field)
     return value
@@ -199,7 +200,7 @@ def _alpaca_prompt(record: dict) -> list[dict]:
 
 
 def _alpaca(record: dict, text_field: str | None) -> dict:
-    reply = _reply_text(_field(record, "output"), "output")
+    reply = _nonempty_reply(_field(record, "output"), "output")
     return {"messages": _alpaca_prompt(record) + [{"role": "assistant", "content": reply}]}
 
 
