@@ -27,7 +27,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .errors import MiniGPTError, first_line, located, one_line_errors
+from .errors import MiniGPTError, first_line, located, one_line_errors, require_model_source
 from .model_card import trained_stage
 from .tokenization import require_tokenizer
 
@@ -161,6 +161,7 @@ def load_model(
         )
     if path.exists() and not (path / "config.json").is_file():
         raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+    require_model_source(model_name)
     require_tokenizer(path)
     not_found = "no such folder, and not loadable from the Hugging Face Hub"
     with one_line_errors(model_name, "cannot load the tokenizer" if path.exists() else not_found):

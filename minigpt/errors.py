@@ -7,7 +7,9 @@ The CLI prints its message as a single line and exits non-zero, so the message m
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,32 @@ def located(path: str | os.PathLike | None, message: str, line: int | None = Non
     if field:
         prefix += f"field '{field}': "
     return prefix + message
+
+
+# A Hugging Face Hub model id: "name" or "user/name".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def no_such_folder(path: str | os.PathLike) -> str:
+    """'no such folder', with the closest folder names beside it when the name looks mistyped."""
+    path = Path(path)
+    beside = path.parent if path.parent.is_dir() else None
+    names = [entry.name for entry in beside.iterdir() if entry.is_dir()] if beside else []
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"no such folder (did you mean {path.parent / close[0]}?)" if close else "no such folder"
+
+
+def require_model_source(name: str, flag: str = "--model") -> None:
+    """Refuse at once a `name` that is no folder here and cannot be a Hub id either: not shaped like one, or a path
+    under a folder that exists (runs/chta for runs/chat). Asking the Hub about it first costs five retries, about a
+    minute, when offline."""
+    path = Path(name)
+    if path.exists():
+        return
+    if not HUB_ID.match(name) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise MiniGPTError(
+            located(name, f"{flag}: {no_such_folder(path)}, and not a Hugging Face Hub id like 'user/model'")
+        )
 
 
 def refuse_to_replace_source(out: str | os.PathLike, source: str | os.PathLike, name: str = "OUT_DIR") -> None:

@@ -53,6 +53,9 @@ PROMPTS = [
 ]
 
 
+NOTHING_TO_EVALUATE = "nothing to evaluate ({why}, --no-prompts): give --text FILE or drop --no-prompts"
+
+
 def check_window(max_length: int | None, stride: int | None) -> None:
     """--max-length and --stride of the perplexity window (None: the default), with training's bounds."""
     if max_length is not None and max_length < 2:
@@ -307,6 +310,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     sampling = sampling_from_args(args)
     check_window(args.max_length, args.stride)  # before the model loads
     texts = read_texts(args.text)
+    if not texts and args.no_qa and args.no_prompts:  # said before the model loads
+        raise MiniGPTError(located(args.model, NOTHING_TO_EVALUATE.format(why="--no-qa")))
     questions = read_questions(args.questions) if args.questions else None
     world = recorded_world(args.adapter or args.model) if questions is None and not args.no_qa else {}
     model, tokenizer = load_model(args.model, args.adapter, args.device, need_chat_template=False)
@@ -315,10 +320,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     chat = bool(tokenizer.chat_template) and not only_pretrained(args.model, args.adapter)
     asks_questions = not args.no_qa and (questions is not None or chat)
     if not texts and not asks_questions and args.no_prompts:
-        why = "--no-qa" if args.no_qa else "a model that has not learnt to chat gets no built-in questions"
-        raise MiniGPTError(
-            located(args.model, f"nothing to evaluate ({why}, --no-prompts): give --text FILE or drop --no-prompts")
-        )
+        why = "a model that has not learnt to chat gets no built-in questions"
+        raise MiniGPTError(located(args.model, NOTHING_TO_EVALUATE.format(why=why)))
     report: dict = {"model": args.model}
     if texts:
         report.update(perplexity(model, tokenizer, texts, args.stride, args.max_length))

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source
+from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source, require_model_source
 from .model_card import card_for_repo
 from .tokenization import require_tokenizer
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".py", ".jinja", ".model", ".txt", ".tiktoken")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # as save_pretrained writes them, sharded or not
 TRAINING_LEFTOVERS = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
@@ -169,8 +168,8 @@ def export_space(
     if bundled:
         _check_model_folder(Path(model))
         refuse_to_replace_source(out, model, "the Space folder")
-    elif not HUB_ID.match(model):
-        raise MiniGPTError(located(model, "no such folder, and not a Hugging Face Hub id like 'user/model'"))
+    else:
+        require_model_source(model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MiniGPTError(located(out, "already exists and is not empty (pass --overwrite to replace it)"))
     with one_line_errors(out, "cannot create the folder"):

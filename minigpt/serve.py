@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import MiniGPTError, located
+from .errors import MiniGPTError, located, require_model_source
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -55,6 +55,7 @@ def write_servable_model(model_name: str, adapter: str | None, folder: Path) -> 
     from .convert import native_architecture, to_native
     from .modeling_minigpt import MiniGPTForCausalLM
 
+    require_model_source(model_name)
     try:  # a config without a native class is refused before any weight is read
         config = transformers.AutoConfig.from_pretrained(model_name, trust_remote_code=True)
         if isinstance(config, MiniGPTConfig):

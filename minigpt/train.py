@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import MiniGPTError, located, one_line_errors
+from .errors import MiniGPTError, located, no_such_folder, one_line_errors
 from .model_card import RUN_FACTS_FILE, run_facts
 from .tokenization import require_tokenizer
 
@@ -311,9 +311,8 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
         raise MiniGPTError(f"minigpt {stage.name} starts from a trained model: pass --model DIR")
     for folder, flag in ((args.model, "--model"), (args.tokenizer, "--tokenizer")):
         if folder and not Path(folder).is_dir():
-            raise MiniGPTError(
-                located(folder, f"{flag}: {'a file, not a' if Path(folder).exists() else 'no such'} folder")
-            )
+            problem = "a file, not a folder" if Path(folder).exists() else no_such_folder(folder)
+            raise MiniGPTError(located(folder, f"{flag}: {problem}"))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise MiniGPTError(located(args.out, "--out: a file, not a folder"))
     if args.lora and not args.model:

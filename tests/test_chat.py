@@ -363,6 +363,32 @@ def test_errors_are_one_line(tiny_chat_model, tmp_path, capsys):
         assert "error: --device cuda: no cuda device here" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["chat", "--prompt", "hi"], ["eval"], ["demo"], ["serve"], ["export", "--space", "space"]],
+    ids=lambda argv: argv[0],
+)
+def test_a_mistyped_model_folder_is_refused_without_asking_the_hub(argv, tmp_path, monkeypatch, capsys):
+    """runs/chta for runs/chat: offline, asking the Hub about it took five retries (about a minute) before the error."""
+    import transformers
+
+    from minigpt.cli import main
+
+    def no_hub_lookup(*args, **kwargs):
+        raise AssertionError(f"asked transformers to load {args}")
+
+    for auto_class in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(auto_class, "from_pretrained", no_hub_lookup)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "chat").mkdir(parents=True)
+    for model, hint in (("runs/chta", " (did you mean runs/chat?)"), ("/no/such/model", ""), ("./model", "")):
+        assert main([*argv, "--model", model]) == 2
+        assert capsys.readouterr().err == (
+            f"minigpt {argv[0]}: error: {model}: --model: no such folder{hint}, "
+            "and not a Hugging Face Hub id like 'user/model'\n"
+        )
+
+
 def test_a_weights_file_cut_short_is_a_one_line_error_in_every_command(tiny_chat_model, tmp_path, capsys):
     import json
     import shutil
