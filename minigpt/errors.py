@@ -55,6 +55,12 @@ def require_model_source(name: str, flag: str = "--model") -> None:
         )
 
 
+def refuse_a_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """`flag` names a folder to write into: refuse a file already there, before any work is done."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise MiniGPTError(located(path, f"{flag}: a file, not a folder"))
+
+
 def refuse_to_replace_source(out: str | os.PathLike, source: str | os.PathLike, name: str = "OUT_DIR") -> None:
     """Writing the folder `out` replaces it (--overwrite): refuse when the `source` it reads is that folder or lies
     inside it, which the replacement would delete."""

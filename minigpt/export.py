@@ -12,7 +12,6 @@ an exported Space. Without a login or a network they fail with one line saying w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source, require_model_source
-from .model_card import card_for_repo
+from .model_card import card_for_repo, read_json_object
 from .tokenization import require_tokenizer
 
 if TYPE_CHECKING:
@@ -236,11 +235,7 @@ MODEL_UPLOAD_IGNORE = ["checkpoints/*", "*__pycache__*", "*.pyc"]
 
 def adapter_base(folder: Path) -> str | None:
     """The base model a LoRA adapter folder names (adapter_config.json), or None for any other folder."""
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return str(config.get("base_model_name_or_path") or "") or None
+    return str(read_json_object(folder / "adapter_config.json").get("base_model_name_or_path") or "") or None
 
 
 def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, token: str | None = None) -> str:

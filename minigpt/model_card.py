@@ -102,13 +102,18 @@ def card_for_repo(card: str, repo_id: str) -> str:
     return card.replace('from_pretrained("PATH"', f'from_pretrained("{repo_id}"')
 
 
-def run_facts(folder: str | Path) -> dict[str, Any]:
-    """The facts of the run that wrote `folder` (its training_run.json); {} if it has none (a Hub id has none here)."""
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the file `path`; {} when there is none: no such file, not JSON, or not an object."""
     try:
-        facts = json.loads((Path(folder) / RUN_FACTS_FILE).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return facts if isinstance(facts, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_facts(folder: str | Path) -> dict[str, Any]:
+    """The facts of the run that wrote `folder` (its training_run.json); {} if it has none (a Hub id has none here)."""
+    return read_json_object(Path(folder) / RUN_FACTS_FILE)
 
 
 def trained_stage(folder: str | Path) -> str | None:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import MiniGPTError
+from .errors import MiniGPTError, refuse_a_file
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
     from .evaluate import question_accuracy
     from .tokenization import build_tokenizer_from_texts, save_tokenizer
 
-    if out.exists() and not out.is_dir():
-        raise MiniGPTError(f"{out}: is a file; --out names a folder for the data, models and report")
+    refuse_a_file(out)
     if not 0 <= seed < 2**32:  # now, not after the world and tokenizer are written
         raise MiniGPTError(f"--seed must be in [0, 2**32), got {seed}")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES) if out.is_dir() else []

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import MiniGPTError, located, one_line_errors
+from .errors import MiniGPTError, located, one_line_errors, refuse_a_file
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -216,8 +216,7 @@ def train_tokenizer(
 def _check_out_dir(out_dir: Path) -> None:
     """--out must be a folder that holds no model: a new tokenizer there would silently replace the one the model's
     embeddings were trained with (its token ids then mean other text)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MiniGPTError(located(out_dir, "--out: a file, not a folder"))
+    refuse_a_file(out_dir)
     if (out_dir / "config.json").is_file():
         raise MiniGPTError(
             located(out_dir, "holds a model (config.json), whose tokenizer this would replace: choose another --out")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import MiniGPTError, located, no_such_folder, one_line_errors
+from .errors import MiniGPTError, located, no_such_folder, one_line_errors, refuse_a_file
 from .model_card import RUN_FACTS_FILE, run_facts
 from .tokenization import require_tokenizer
 
@@ -313,8 +313,7 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
         if folder and not Path(folder).is_dir():
             problem = "a file, not a folder" if Path(folder).exists() else no_such_folder(folder)
             raise MiniGPTError(located(folder, f"{flag}: {problem}"))
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise MiniGPTError(located(args.out, "--out: a file, not a folder"))
+    refuse_a_file(args.out)
     if args.lora and not args.model:
         raise MiniGPTError("--lora adapts a trained model (--model DIR); a new model from a preset trains all weights")
     if args.merge and not args.lora:

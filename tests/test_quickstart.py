@@ -97,7 +97,7 @@ def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
         quickstart.run(args, "quickstart")
     assert (tmp_path / "notes.txt").read_text() == "mine"
     args = quickstart.build_parser().parse_args(["--out", str(tmp_path / "notes.txt"), "--tiny"])
-    with pytest.raises(MiniGPTError, match="notes.txt: is a file; --out names a folder"):
+    with pytest.raises(MiniGPTError, match="notes.txt: --out: a file, not a folder"):
         quickstart.run(args, "quickstart")
     args = quickstart.build_parser().parse_args(["--out", str(tmp_path / "new"), "--tiny", "--seed", "-1"])
     with pytest.raises(MiniGPTError, match=re.escape("--seed must be in [0, 2**32), got -1")):
