@@ -27,7 +27,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .errors import MiniGPTError, first_line, located, one_line_errors, require_model_source
+from .errors import MiniGPTError, first_line, located, one_line_errors, require_model_folder, require_model_source
 from .model_card import trained_stage
 from .tokenization import require_tokenizer
 
@@ -159,8 +159,8 @@ def load_model(
         raise MiniGPTError(
             located(path, f"a LoRA adapter, not a model: pass --model {base or 'BASE_MODEL'} --adapter {path}")
         )
-    if path.exists() and not (path / "config.json").is_file():
-        raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+    if path.exists():
+        require_model_folder(path)
     require_model_source(model_name)
     require_tokenizer(path)
     not_found = "no such folder, and not loadable from the Hugging Face Hub"

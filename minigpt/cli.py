@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 from .errors import MiniGPTError
@@ -81,18 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"minigpt: error: unknown command '{command}'{hint}; run 'minigpt --help' for the list", file=sys.stderr)
         return 2
-    module, parser = command_parser(command)
-    args = parser.parse_args(rest)
     for message in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message, FutureWarning)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers can be set only there)
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        module, parser = command_parser(command)  # imports torch and more: seconds, in which Ctrl-C is common
+        args = parser.parse_args(rest)
         return int(module.run(args, command) or 0)
     except MiniGPTError as error:
         print(f"minigpt {command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"minigpt {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # what was half-written is cleaned up on the way here
+        terminated = isinstance(stop, Terminated)
+        print(f"minigpt {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, a container stopping), handled as Ctrl-C is: the run stops cleanly."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

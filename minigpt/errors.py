@@ -55,6 +55,60 @@ def require_model_source(name: str, flag: str = "--model") -> None:
         )
 
 
+def require_model_folder(path: str | os.PathLike) -> None:
+    """A local folder must hold a model's config.json; say why when it does not. A training run moves its config.json
+    in last, so a run stopped while saving (or still training) leaves a folder without one."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return
+    if (path / "checkpoints").is_dir() or any(path.glob(".saving-*")):
+        raise MiniGPTError(
+            located(
+                path,
+                "no model saved here yet (no config.json): the training run writing it is still going or was stopped; "
+                "run its command again with --resume to finish and save it",
+            )
+        )
+    raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder to write that cannot be written: its nearest existing folder must take a
+    file (a permission check alone misses read-only disks, immutable folders and root's view of them)."""
+    import tempfile
+
+    path = Path(path).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise MiniGPTError(located(existing, f"{flag}: a file, not a folder"))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise MiniGPTError(located(path, f"{flag}: cannot write there ({error.strerror or error})")) from None
+
+
+def damaged_files(folder: str | os.PathLike) -> dict[str, str]:
+    """The weights and torch state files in `folder` that are cut short or not what they claim to be, each with what
+    is wrong: safetensors files whose header does not read (it gives every tensor's extent, checked against the file's
+    size), and torch.save files (*.pt, *.pth: zip archives) without an intact zip directory at their end."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    damaged = {}
+    for file in sorted(Path(folder).iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                damaged[file.name] = first_line(error)
+        elif file.suffix in (".pt", ".pth") and not zipfile.is_zipfile(file):
+            damaged[file.name] = "not a complete torch.save archive"
+    return damaged
+
+
 def refuse_a_file(path: str | os.PathLike, flag: str = "--out") -> None:
     """`flag` names a folder to write into: refuse a file already there, before any work is done."""
     if Path(path).exists() and not Path(path).is_dir():
@@ -76,13 +130,16 @@ def first_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def one_line_errors(where: str | os.PathLike, what: str | None = None) -> Iterator[None]:
-    """Turn a library's OSError, ValueError or SafetensorError while reading `where` (missing files, a model type
-    transformers does not know, an impossible config value, a truncated weights file) into a one-line MiniGPTError:
-    `where: what: the first line of its message`."""
+def one_line_errors(
+    where: str | os.PathLike, what: str | None = None, errors: type | tuple[type, ...] | None = None
+) -> Iterator[None]:
+    """Turn a library's OSError, ValueError or SafetensorError (or only the `errors` given) while reading or writing
+    `where` (missing files, a model type transformers does not know, an impossible config value, a truncated weights
+    file, a full disk) into a one-line MiniGPTError: `where: what: the first line of its message`."""
     from safetensors import SafetensorError  # a damaged weights file: "incomplete metadata", "header too large"
 
+    caught = errors or (OSError, ValueError, SafetensorError)
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as error:
+    except caught as error:
         raise MiniGPTError(located(where, f"{what}: {first_line(error)}" if what else first_line(error))) from error

@@ -21,7 +21,15 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MiniGPTError, located, one_line_errors, refuse_to_replace_source, require_model_source
+from .errors import (
+    MiniGPTError,
+    damaged_files,
+    located,
+    one_line_errors,
+    refuse_to_replace_source,
+    require_model_folder,
+    require_model_source,
+)
 from .model_card import card_for_repo, read_json_object
 from .tokenization import require_tokenizer
 
@@ -57,15 +65,12 @@ def _requirements() -> str:
 
 def _check_model_folder(path: Path) -> None:
     """Fail now, not on the Space: the folder must hold a model and a tokenizer with a chat template."""
-    if not (path / "config.json").is_file():
-        raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+    require_model_folder(path)
     if not any(file for pattern in WEIGHT_FILES for file in path.glob(pattern)):
         raise MiniGPTError(located(path, "no weights (no model.safetensors): the Space would have nothing to load"))
-    from safetensors import safe_open
-
-    for weights in path.glob("*.safetensors"):  # reads the header only: a file cut short fails here
-        with one_line_errors(weights, "damaged weights file"), safe_open(weights, "pt"):
-            pass
+    for name, problem in damaged_files(path).items():  # a file cut short, which only the Space would find out
+        if name.endswith(".safetensors"):  # (training leftovers such as optimizer.pt are not copied)
+            raise MiniGPTError(located(path / name, f"damaged weights file: {problem}"))
     require_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer
 
@@ -230,7 +235,7 @@ def _hub_error(error: Exception) -> MiniGPTError:
 # What `push --model` leaves out of a model folder: Trainer's checkpoints (optimizer states, several times the model's
 # size) and Python's caches. Everything else is the Hub repo: weights, config, modeling files, tokenizer, model card,
 # training_run.json, the loss plot and runs/ (TensorBoard logs, which the Hub shows as training metrics).
-MODEL_UPLOAD_IGNORE = ["checkpoints/*", "*__pycache__*", "*.pyc"]
+MODEL_UPLOAD_IGNORE = ["checkpoints/*", ".saving-*", ".training.lock", "*__pycache__*", "*.pyc"]
 
 
 def adapter_base(folder: Path) -> str | None:
@@ -258,8 +263,8 @@ def push_model(model_dir: str | os.PathLike, repo: str, private: bool = False, t
                 "instead (train with --merge: OUT holds it)",
             )
         )
-    if base is None and not (path / "config.json").is_file():
-        raise MiniGPTError(located(path, "not a model folder: no config.json (pass the folder save_pretrained wrote)"))
+    if base is None:
+        require_model_folder(path)
     token = _hub_token(token)
     api = HfApi(token=token)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import MiniGPTError, located, one_line_errors, refuse_a_file
+from .errors import MiniGPTError, check_writable, located, one_line_errors, refuse_a_file
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -217,6 +217,7 @@ def _check_out_dir(out_dir: Path) -> None:
     """--out must be a folder that holds no model: a new tokenizer there would silently replace the one the model's
     embeddings were trained with (its token ids then mean other text)."""
     refuse_a_file(out_dir)
+    check_writable(out_dir)
     if (out_dir / "config.json").is_file():
         raise MiniGPTError(
             located(out_dir, "holds a model (config.json), whose tokenizer this would replace: choose another --out")
@@ -228,14 +229,14 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
     out_dir = Path(out_dir)
     with one_line_errors(out_dir, "cannot write the tokenizer"):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tokenizer.save_pretrained(staging)
-        out_dir.mkdir(exist_ok=True)
-        for file in staging.iterdir():
-            os.replace(file, out_dir / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            tokenizer.save_pretrained(staging)
+            out_dir.mkdir(exist_ok=True)
+            for file in staging.iterdir():
+                os.replace(file, out_dir / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

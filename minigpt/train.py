@@ -13,21 +13,34 @@ any flag. The output directory is a Hugging Face model repo (see `save_model_rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import MiniGPTError, located, no_such_folder, one_line_errors, refuse_a_file
+from .errors import (
+    MiniGPTError,
+    check_writable,
+    damaged_files,
+    first_line,
+    located,
+    no_such_folder,
+    one_line_errors,
+    refuse_a_file,
+)
 from .model_card import RUN_FACTS_FILE, run_facts
 from .tokenization import require_tokenizer
 
@@ -35,6 +48,10 @@ CHECKPOINTS_DIR = "checkpoints"
 # Checkpoints are written here first and moved to checkpoints/checkpoint-N when complete: a save killed half-way
 # leaves only this folder, which resume ignores.
 STAGING_DIR = ".staging"
+# The final model is written into OUT/.saving-XXXX first, then moved in (save_model_repo).
+SAVING_PREFIX = ".saving-"
+# Held (flock) by the run writing into --out, so that a second run on the same --out is refused, not interleaved.
+LOCK_FILE = ".training.lock"
 DEFAULT_LENGTH = 512  # tokens per block / example when neither a flag nor a short model context says otherwise
 # Files of a previous model in the output folder that a new save must not leave behind (an adapter_config.json next
 # to full weights makes transformers load the folder as an adapter).
@@ -314,6 +331,7 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
             problem = "a file, not a folder" if Path(folder).exists() else no_such_folder(folder)
             raise MiniGPTError(located(folder, f"{flag}: {problem}"))
     refuse_a_file(args.out)
+    check_writable(args.out)
     if args.lora and not args.model:
         raise MiniGPTError("--lora adapts a trained model (--model DIR); a new model from a preset trains all weights")
     if args.merge and not args.lora:
@@ -550,6 +568,10 @@ class _StageTrainerMixin:
         self._staging_dir = str(checkpoints / STAGING_DIR)
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as error:  # torch.save reports a full disk as RuntimeError
+            raise MiniGPTError(
+                located(checkpoints, f"cannot write {name} (disk full?): {first_line(error)}")
+            ) from error
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every process has written its own rng_state_<i>.pth
@@ -676,6 +698,7 @@ def find_resumable_checkpoint(checkpoints: Path) -> Path | None:
         missing.append("rng_state.pth")
     if not any((newest / name).is_file() for name in MODEL_FILES[1:]):
         missing.append("model weights")
+    missing += [f"an intact {name} ({problem})" for name, problem in damaged_files(newest).items()]
     if not missing:
         try:
             json.loads((newest / "trainer_state.json").read_text())
@@ -769,7 +792,9 @@ def save_model_repo(trainer: Trainer, tokenizer, out: Path, stage: Stage, args, 
     from .model_card import render_model_card
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    for leftover in out.glob(f"{SAVING_PREFIX}*"):  # of a save that was killed (this run holds --out's lock)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=SAVING_PREFIX, dir=out))
     try:
         if args.lora and args.merge:
             model.save_pretrained(staging / "adapter")
@@ -784,13 +809,18 @@ def save_model_repo(trainer: Trainer, tokenizer, out: Path, stage: Stage, args, 
         (staging / "README.md").write_text(render_model_card(facts, languages, tags), encoding="utf-8")
         plot_losses(trainer.state.log_history, staging / "loss.png", f"minigpt {stage.name}: {out.name}")
         (staging / RUN_FACTS_FILE).write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name in MODEL_FILES:
-            (out / name).unlink(missing_ok=True)
-        for item in staging.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        # The swap: config.json, which every loader opens first, goes first and comes back last, so a kill -9 half-way
+        # leaves a folder that says it holds no model (not old files mixed with new); Ctrl-C and SIGTERM wait for it.
+        with signals_deferred():
+            for name in ("config.json", *MODEL_FILES):
+                (out / name).unlink(missing_ok=True)
+            for item in sorted(staging.iterdir(), key=lambda item: item.name == "config.json"):
+                target = out / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+    except (OSError, SafetensorError) as error:  # a full disk, a folder made read-only mid-run
+        raise MiniGPTError(located(out, f"cannot write the model (disk full?): {first_line(error)}")) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -833,6 +863,7 @@ class StageRun:
 
 def prepare(args: argparse.Namespace, command: str) -> StageRun:
     """Model, data and trainer for one stage, from fully resolved arguments (see `run`); nothing is trained yet."""
+    from .data.formats import default_cache_dir
     from .model_card import detect_languages
 
     stage = STAGES[command]
@@ -857,8 +888,9 @@ def prepare(args: argparse.Namespace, command: str) -> StageRun:
     with probe.main_process_first(desc="reading the data"):
         checkpoint = _prepare_checkpoints(args, checkpoints, is_main)
         rows_per_step = args.batch_size * args.grad_accum * probe.world_size
-        train_set, eval_set, data_passes = build_datasets(args, stage, tokenizer, context_length, rows_per_step)
-        languages = detect_languages(_sample_texts(args, stage))
+        with one_line_errors(default_cache_dir(), "cannot write the prepared data", OSError):
+            train_set, eval_set, data_passes = build_datasets(args, stage, tokenizer, context_length, rows_per_step)
+            languages = detect_languages(_sample_texts(args, stage))
     training_args = training_arguments(
         args, stage, precision, checkpoints, has_eval=eval_set is not None, data_passes=data_passes
     )
@@ -953,6 +985,58 @@ def _facts(run: StageRun, metrics: dict, extra: dict | None = None) -> dict:
     }
 
 
+@contextlib.contextmanager
+def only_run_writing(out: Path) -> Iterator[None]:
+    """Create --out and hold its lock file while this run writes there: two runs on one --out would share the
+    checkpoint staging folder and mix their checkpoints. The lock (flock) ends with the process, however it ends."""
+    with one_line_errors(out, "--out: cannot create the folder"):
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not checked against each other there
+        yield
+        return
+    with one_line_errors(out, "--out: cannot write there"):
+        lock = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held across the yield)
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise MiniGPTError(
+                located(
+                    out, f"another run (process {holder}) is writing here: wait for it to end or choose another --out"
+                )
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done (a few renames that must all happen), then act on them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in stops}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received[:1]:
+            signal.raise_signal(number)
+
+
 def train(args: argparse.Namespace, command: str, extra_facts: dict | None = None) -> dict:
     """Run one stage with fully resolved arguments and save the model repo; returns the facts of the run (plus
     `extra_facts`, written into the model card and training_run.json with them). A run that fails before its first
@@ -960,10 +1044,11 @@ def train(args: argparse.Namespace, command: str, extra_facts: dict | None = Non
     out = Path(args.out).absolute()
     missing = [folder for folder in (out, *out.parents) if not folder.exists()]
     created = missing[-1] if missing else None  # the outermost folder the run will create for --out
+    first_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        return _train(args, command, extra_facts)
+        with only_run_writing(out) if first_process else contextlib.nullcontext():
+            return _train(args, command, extra_facts)
     except BaseException:
-        first_process = int(os.environ.get("RANK", "0")) == 0
         if created and first_process and not any((out / CHECKPOINTS_DIR).glob("checkpoint-*")):
             shutil.rmtree(created, ignore_errors=True)
         raise

@@ -176,6 +176,125 @@ def test_checkpoint_missing_optimizer_state_is_refused(setup, uninterrupted):
         train.find_resumable_checkpoint(out / "checkpoints")
 
 
+def test_a_damaged_checkpoint_is_refused_not_resumed(setup, uninterrupted):
+    """Files cut short (a full disk, a power cut before the data reached the disk) crashed --resume with a traceback."""
+    source, _ = uninterrupted
+    checkpoint = setup["folder"] / "cut" / f"checkpoint-{STEPS}"
+    shutil.copytree(source / "checkpoints" / f"checkpoint-{STEPS}", checkpoint)
+    for name, problem in (("model.safetensors", "incomplete metadata"), ("optimizer.pt", "not a complete torch.save")):
+        file = checkpoint / name
+        intact = file.read_bytes()
+        file.write_bytes(intact[: len(intact) // 2])
+        with pytest.raises(MiniGPTError, match=rf"checkpoint is missing an intact {name} \(.*{problem}"):
+            train.find_resumable_checkpoint(checkpoint.parent)
+        file.write_bytes(intact)
+    assert train.find_resumable_checkpoint(checkpoint.parent) == checkpoint
+
+
+def test_a_save_stopped_half_way_leaves_no_model_that_looks_complete(setup, uninterrupted, monkeypatch, capsys):
+    """The final model is moved into --out file by file: stopped after two files, the folder once held the old
+    config.json beside new weights (a model that loads, mixed). Now config.json goes first and comes back last."""
+    from minigpt.cli import main
+
+    source, _ = uninterrupted
+    out = setup["folder"] / "stopped-while-saving"
+    shutil.copytree(source, out)
+    real_replace, moved = os.replace, []
+
+    def replace(source, target):
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # as a kill -9 would stop it, between two renames
+        moved.append(Path(target).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(train.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(pretrain_argv(setup, out, "--resume"))
+    monkeypatch.undo()
+    assert not (out / "config.json").exists() and len(moved) == 2
+    capsys.readouterr()
+    assert main(["chat", "--model", str(out), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"minigpt chat: error: {out}: no model saved here yet (no config.json): the training run writing it is still "
+        "going or was stopped; run its command again with --resume to finish and save it\n"
+    )
+    run_in_process(pretrain_argv(setup, out, "--resume"))  # saves the model again, and clears the stopped save
+    assert (out / "config.json").is_file() and not list(out.glob(".saving-*"))
+    resumed, expected = weights(out), weights(source)
+    assert all(resumed[name].equal(expected[name]) for name in expected)
+
+
+def test_ctrl_c_and_sigterm_wait_for_the_model_files_to_be_swapped():
+    def stop(number, frame):  # as `minigpt` handles SIGTERM
+        raise KeyboardInterrupt
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signal.SIGTERM, stop)
+        finished = False
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with train.signals_deferred():
+                    signal.raise_signal(number)
+                    finished = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert finished, signal.Signals(number).name
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(setup):
+    """SIGTERM (kill, a scheduler, a container stopping) ended the run at once with no word and exit 143, leaving
+    the --out folder it had created, without a checkpoint, behind."""
+    out = setup["folder"] / "terminated"
+    process = start(pretrain_argv(setup, out, "--max-steps", "100000", "--save-steps", "0"))
+    deadline = time.monotonic() + 600
+    while not (out / "runs").is_dir() and process.poll() is None:  # TensorBoard's folder: training has started
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "minigpt pretrain: terminated\n" in log and "Traceback" not in log, log[-3000:]
+    assert not out.exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(setup):
+    """Two runs on one --out shared checkpoints/.staging: the checkpoint kept one run's weights and the other's
+    trainer_state.json, and the second run died with a traceback."""
+    out = setup["folder"] / "busy"
+    with train.only_run_writing(out):
+        assert (out / ".training.lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(MiniGPTError, match=rf"busy: another run \(process {os.getpid()}\) is writing here"):
+            run_in_process(pretrain_argv(setup, out))
+    assert list(out.iterdir()) == []  # the lock file goes with the run; the folder stays, as it existed
+    run_in_process(pretrain_argv(setup, out, "--max-steps", "1", "--save-steps", "0"))
+    assert not (out / ".training.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "file_limit_kib, save_steps, failure",
+    [
+        (8, "0", "{cache}: cannot write the prepared data: "),
+        (300, "1", "{out}/checkpoints: cannot write checkpoint-1 (disk full?): "),
+        (300, "0", "{out}: cannot write the model (disk full?): "),
+    ],
+)
+def test_a_full_disk_is_one_line(setup, tmp_path, file_limit_kib, save_steps, failure):
+    """No file may grow past the limit (ulimit -f; Python ignores SIGXFSZ, so a write fails as on a full disk): the
+    data cache (8 KiB), then the 0.9 MiB optimizer state or the 0.5 MiB weights. Each stopped with a traceback."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = [sys.executable, "-m", "minigpt", "pretrain", *pretrain_argv(setup, out, "--max-steps", "1")]
+    argv += ["--save-steps", save_steps]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HF_DATASETS_CACHE": str(cache)}
+    command = ["bash", "-c", f'ulimit -f {file_limit_kib} && exec "$@"', "bash", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = next(line for line in result.stderr.splitlines() if "error:" in line)
+    expected = failure.format(out=out, cache=cache / "minigpt")
+    assert error.startswith(f"minigpt pretrain: error: {expected}"), error
+    assert "Traceback" not in result.stderr
+
+
 def test_new_run_into_a_folder_with_checkpoints_needs_resume_or_overwrite(setup, uninterrupted):
     out, _ = uninterrupted
     with pytest.raises(MiniGPTError, match="holds checkpoints of an earlier run: pass --resume"):
