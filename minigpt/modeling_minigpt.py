@@ -284,7 +284,8 @@ def decoding_blocks(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
     256 columns each.
 
     Made on first use and kept (in DECODING_BLOCKS, by first layer) while every weight and bias is unchanged (same
-    storage, same version counter, so an optimizer step or load_state_dict replaces it). Training forwards drop it."""
+    storage, same version counter, so an optimizer step or load_state_dict replaces it). Training forwards and the
+    start of each sequence drop it (`starts_a_sequence`): writes through `.data` leave the version counter as it was."""
     tensors = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
     cached = DECODING_BLOCKS.get(layers[0])
@@ -297,6 +298,12 @@ def decoding_blocks(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
         blocks.view(parts * width, inputs)[:outs] = weight
         cached = DECODING_BLOCKS[layers[0]] = (key, (blocks.transpose(1, 2).contiguous(), bias))
     return cached[1]
+
+
+def starts_a_sequence(cache: Cache | None) -> bool:
+    """Whether a forward begins a sequence: no KV cache, or one that holds nothing yet."""
+    layers = getattr(cache, "layers", None)
+    return not layers or not layers[0].is_initialized
 
 
 def one_row_projection(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
@@ -943,6 +950,11 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             # A training forward keeps no KV cache unless asked: nothing decodes from it, and under torch.compile its
             # keys and values become extra outputs of the graph (a GPU training step ~6% slower, measured).
             use_cache = False
+        if torch.is_grad_enabled() or starts_a_sequence(cache):
+            # Training frees the decoding copies of the weights; each new sequence (every generate() call starts with
+            # an empty cache) remakes them, as the weights may have changed in ways no version counter records: peft's
+            # merge_and_unload and EMA-style copies write through `.data`.
+            self.forget_decoding_blocks()
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -953,8 +965,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        if torch.is_grad_enabled():
-            self.forget_decoding_blocks()  # training: free the decoding copies of the weights
         loss = None
         if labels is not None and self._can_fuse_head_and_loss(hidden_states, logits_to_keep):
             loss, logits = self._fused_head_and_loss(hidden_states, labels, **kwargs)

@@ -571,6 +571,26 @@ def test_stacked_decoding_projections_equal_the_layers_and_follow_updates() -> N
     assert attention.q_proj not in modeling.DECODING_BLOCKS
 
 
+@pytest.mark.parametrize("preset", STYLES)
+def test_generate_after_a_lora_merge_uses_the_merged_weights(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's merge_and_unload adds the adapter through `weight.data`, which leaves the version counter as it was:
+    a generate() before the merge kept decoding with the unmerged copies of the weights afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    model = random_model(preset).eval()
+    prompt = torch.tensor([[5, 9, 2, 7]])
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    before = model.generate(prompt, **greedy)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    merged = lora.merge_and_unload().eval()
+    after = merged.generate(prompt, **greedy)
+    assert not torch.equal(after, before)  # the merge changed what the model says
+    assert torch.equal(after, plain(monkeypatch, lambda: merged.generate(prompt, **greedy)))
+    with torch.no_grad():  # and any write through .data, as EMA or weight averaging code does
+        merged.lm_head.weight.data.mul_(-1.0)
+    assert torch.equal(merged.generate(prompt, **greedy), plain(monkeypatch, lambda: merged.generate(prompt, **greedy)))
+
+
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     input_ids = torch.randint(1, VOCAB, (3, 12), generator=generator)
