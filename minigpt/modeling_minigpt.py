@@ -258,9 +258,12 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     copy of W, cut into one block per thread (`one_row_projection`), streams it once; with a few rows,
     `(W @ x.T).T` needs no copy.
     """
-    wide = layer.out_features > layer.in_features
-    # Inference tensors (weights created under torch.inference_mode) have no version counter to watch.
-    if not (wide and is_decoding_step(x) and is_plain_linear(layer) and not layer.weight.is_inference()):
+    if not (
+        is_plain_linear(layer)  # a wrapped layer (peft's, which may lack out_features) runs as it is
+        and layer.out_features > layer.in_features
+        and is_decoding_step(x)
+        and not layer.weight.is_inference()  # weights made under torch.inference_mode have no version counter
+    ):
         return layer(x)
     if x.numel() == x.shape[-1]:
         return one_row_projection(x, layer)
@@ -331,9 +334,9 @@ def project_together(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor,
     gradient inside one matmul instead of with extra additions. The parameters stay separate (`q_proj`, `k_proj`,
     `v_proj`; `gate_proj`, `up_proj`), so checkpoints, peft and conversions see the usual names.
     """
-    sizes = [layer.out_features for layer in layers]
     if not can_stack(*layers):
         return tuple(project(layer, x) for layer in layers)
+    sizes = [layer.out_features for layer in layers]
     if has_many_rows(x):
         return F.linear(x, *stacked(layers)).split(sizes, dim=-1)
     one_row = x.numel() == x.shape[-1]

@@ -167,6 +167,33 @@ def test_lora_trains_saves_reloads_onto_remote_code_base_and_merges(tmp_path: Pa
         torch.testing.assert_close(torch.tensor(results[preset]["merged"]), logits, atol=1e-5, rtol=0)
 
 
+def test_lora_with_trainable_tokens_gives_what_it_gives_on_qwen2() -> None:
+    """peft's trainable_token_indices wraps the embedding and the tied LM head in a layer without `out_features`: the
+    first forward crashed (AttributeError) where Qwen2ForCausalLM trains, and merges."""
+    from copy import deepcopy
+
+    from minigpt.convert import to_native
+
+    ours = random_model("tiny-qwen")
+    native = to_native(deepcopy(ours))
+    input_ids = torch.tensor([[5, 1, 8, 2, 11, 14], [40, 43, 2, 49, 1, 55]])
+    results = []
+    for model in (ours, native):
+        torch.manual_seed(1)  # the same adapter initialisation for both
+        lora = LoraConfig(target_modules=["q_proj", "v_proj"], trainable_token_indices=[1, 2], init_lora_weights=False)
+        model = get_peft_model(model, lora)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        gradient = model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].grad
+        merged = model.merge_and_unload().eval()
+        tokens = merged.generate(input_ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        results.append((loss.detach(), gradient, tokens))
+    (loss, gradient, tokens), (native_loss, native_gradient, native_tokens) = results
+    torch.testing.assert_close(loss, native_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, native_gradient, rtol=1e-4, atol=1e-6)
+    assert torch.equal(tokens, native_tokens)
+
+
 def test_text_generation_pipeline_loads_a_saved_model_and_generates(tmp_path: Path) -> None:
     from minigpt.tokenization import build_tokenizer_from_texts
 
