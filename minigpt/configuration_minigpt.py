@@ -22,6 +22,12 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+# The Auto classes that load a saved MiniGPT from the two files save_pretrained copies beside the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_minigpt.MiniGPTConfig",
+    "AutoModel": "modeling_minigpt.MiniGPTModel",
+    "AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM",
+}
 NORM_TYPES = ("layernorm", "rmsnorm")
 MLP_TYPES = ("gelu", "swiglu")
 POSITION_EMBEDDING_TYPES = ("learned", "rope")
@@ -227,6 +233,10 @@ class MiniGPTConfig(PreTrainedConfig):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"MiniGPTConfig.{field} must be in [0, 1), got {getattr(self, field)!r}")
         super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            # save_pretrained adds only the saving class's own entry: without this, AutoModel could not load a saved
+            # MiniGPTForCausalLM's base model from the copied files.
+            self.auto_map = dict(AUTO_MAP)
 
     @property
     def num_key_value_groups(self) -> int:

@@ -20,7 +20,7 @@ import sys
 sys.modules["minigpt"] = None
 import json
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 try:
     import minigpt  # noqa: F401
@@ -35,8 +35,13 @@ for name, directory in request["models"].items():
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
     tokens = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16, do_sample=False)
+    base = AutoModel.from_pretrained(directory, trust_remote_code=True)  # the decoder without its LM head
+    with torch.no_grad():
+        same_base = torch.equal(base(input_ids).last_hidden_state, model.model(input_ids).last_hidden_state)
     results[name] = {
         "class": f"{type(model).__module__}.{type(model).__name__}",
+        "base_class": type(base).__name__,
+        "same_base": same_base,
         "logits": logits.tolist(),
         "tokens": tokens.tolist(),
     }
@@ -87,6 +92,7 @@ def test_saved_model_loads_with_remote_code_where_minigpt_is_not_installed(tmp_p
     for name, (logits, tokens) in expected.items():
         assert results[name]["class"].startswith("transformers_modules.")  # the copied file, not the package
         assert results[name]["class"].endswith(".MiniGPTForCausalLM")
+        assert results[name]["base_class"] == "MiniGPTModel" and results[name]["same_base"]
         # fp32 values survive JSON exactly, and the same code on the same weights gives the same bits
         assert torch.equal(torch.tensor(results[name]["logits"]), logits)
         assert results[name]["tokens"] == tokens.tolist()
