@@ -334,6 +334,15 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
     check_writable(args.out)
     if args.lora and not args.model:
         raise MiniGPTError("--lora adapts a trained model (--model DIR); a new model from a preset trains all weights")
+    if args.lora and (Path(args.model) / "adapter_config.json").is_file():
+        raise MiniGPTError(
+            located(
+                args.model,
+                "--lora on a LoRA adapter: the new adapter would work only on its base with this one merged in, which "
+                "is saved nowhere; pass the merged model (OUT of a run with --lora --merge), or drop --lora to train "
+                "the merged weights whole",
+            )
+        )
     if args.merge and not args.lora:
         raise MiniGPTError("--merge merges a LoRA adapter: pass --lora too")
     defaults = build_parser(stage.name)
@@ -421,6 +430,9 @@ def load_model_and_tokenizer(args: argparse.Namespace, stage: Stage):
                 model.requires_grad_(True)  # peft froze the base weights; merged, they are what this run trains
             else:
                 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        # What a LoRA adapter of this run names as its base (adapter_config.json): the folder as given, made absolute
+        # so that the adapter loads from any working folder.
+        model.name_or_path = model.config.name_or_path = os.path.abspath(args.model)
     else:
         overrides = {
             "vocab_size": len(tokenizer),

@@ -352,6 +352,33 @@ def test_a_lora_adapter_as_model_is_merged_and_trained_whole(pretrained, corpus,
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
 
+def test_a_lora_adapter_names_its_base_so_that_it_loads_from_any_folder(pretrained, shared_data, tmp_path, monkeypatch):
+    """`--model runs/base` went into adapter_config.json as typed: the adapter loaded only from the folder the run
+    started in (elsewhere peft went looking for a Hub repo 'runs/base')."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _ = pretrained
+    monkeypatch.chdir(tmp_path)
+    data = shared_data / "minimind/lora_identity.jsonl"
+    common = ["--data", str(data), "--max-length", "64", "--max-steps", "3", "--lr", "5e-3", "--eval-fraction", "0"]
+    run_stage("sft", "--model", os.path.relpath(base), "--out", "adapter", "--lora", *common)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
+
+    monkeypatch.chdir(shared_data)  # anywhere else
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()(ids).logits
+        on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+        torch.testing.assert_close(loaded, on_base.eval()(ids).logits)
+
+    # A second adapter on this one would need it merged into the base, which is saved nowhere: the adapter it wrote
+    # named the bare base and, loaded, left the first adapter out.
+    with pytest.raises(MiniGPTError, match="adapter: --lora on a LoRA adapter: the new adapter would work only on"):
+        run_stage("sft", "--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "second"), "--lora", *common)
+
+
 # --- losses equal a hand computation ---------------------------------------------------------------------------------
 
 
