@@ -885,6 +885,8 @@ def prepare(args: argparse.Namespace, command: str) -> StageRun:
     checkpoints = out / CHECKPOINTS_DIR
 
     model, tokenizer = load_model_and_tokenizer(args, stage)
+    # Now, not only in the final save: every checkpoint-N of an SFT run is a chat model that stops at <|im_end|>.
+    model.generation_config = _generation_config(model, tokenizer, stage.chat)
     precision = choose_precision(args.precision, model.config.hidden_size)
     context_length = model.config.max_position_embeddings
     if args.lora:

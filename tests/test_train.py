@@ -161,6 +161,21 @@ def test_sft_on_alpaca_and_minimind_answers_after_reload_in_fresh_process(pretra
     assert answer["new_tokens"] >= 1
 
 
+def test_sft_checkpoints_stop_at_the_end_of_a_turn_as_the_final_model_does(pretrained, shared_data, tmp_path):
+    """Only the final folder's generation_config.json listed <|im_end|> as an end: a checkpoint of an SFT run, loaded
+    with transformers, ran on past the end of its turn."""
+    base, _ = pretrained
+    out = tmp_path / "sft"
+    argv = ["--model", str(base), "--out", str(out), "--data", str(shared_data / "minimind/lora_identity.jsonl")]
+    argv += ["--max-length", "64", "--max-steps", "2", "--eval-fraction", "0", "--precision", "fp32"]
+    train.train(train.resolve_args(train.parse_args("sft", [*argv, "--save-steps", "2"]), "sft"), "sft")
+    final = json.loads((out / "generation_config.json").read_text())
+    checkpoint = json.loads((out / "checkpoints" / "checkpoint-2" / "generation_config.json").read_text())
+    assert len(final["eos_token_id"]) == 2 and checkpoint["eos_token_id"] == final["eos_token_id"]
+    pretrain_eos = json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    assert pretrain_eos == final["eos_token_id"][0]  # a pretrained model ends at <|endoftext|> only
+
+
 def test_sft_neftune_alpha_noises_the_training_loss(pretrained, shared_data, tmp_path):
     """--neftune-alpha reaches Trainer's NEFTune (noise on the input embeddings in training forwards): same seed and
     data, and the first training loss moves with it."""
