@@ -44,13 +44,21 @@ def _number(value: Any) -> str:
 
 
 def render_model_card(facts: dict[str, Any], languages: list[str], tags: list[str]) -> str:
-    """README.md text: a YAML header (language, tags, library_name, pipeline_tag) and a table of the run's facts."""
+    """README.md text: a YAML header (language, tags, library_name, pipeline_tag, and base_model where the base is a
+    Hub model) and a table of the run's facts."""
     from huggingface_hub import ModelCardData
 
-    header = ModelCardData(
-        language=languages, tags=tags, library_name="transformers", pipeline_tag="text-generation"
-    ).to_yaml()
+    from .errors import HUB_ID
+
     is_adapter = facts.get("lora") and not facts.get("merged")
+    base = str(facts.get("base") or "")
+    header = ModelCardData(
+        language=languages,
+        tags=tags,
+        library_name="peft" if is_adapter else "transformers",  # the Hub lists an adapter under its base by these two
+        base_model=base if HUB_ID.match(base) and not Path(base).exists() else None,
+        pipeline_tag="text-generation",
+    ).to_yaml()
     load = (
         "from peft import AutoPeftModelForCausalLM\n"
         "from transformers import AutoTokenizer\n\n"

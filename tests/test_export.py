@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio
 import pytest
 import torch
+import yaml
 from huggingface_hub import SpaceCard
 from test_chat import loaded_chat_model, run_minigpt, tiny_chat_model  # noqa: F401
 from test_demo import GREEDY, start_server, stop_server, story_reply  # noqa: F401
@@ -274,3 +275,16 @@ def test_push_of_a_lora_adapter_needs_a_base_model_on_the_hub(base, tiny_chat_mo
         assert (
             calls["upload_file"]["path_or_fileobj"] == b'AutoPeftModelForCausalLM.from_pretrained("someone/adapter")\n'
         )
+
+
+def test_a_model_card_names_a_hub_base_model_and_an_adapter_as_peft() -> None:
+    from minigpt.model_card import render_model_card
+
+    def header(**facts) -> dict:
+        card = render_model_card({"stage": "sft", **facts}, ["en"], ["minigpt"])
+        return yaml.safe_load(card.split("---")[1])
+
+    assert header(base="Qwen/Qwen2.5-0.5B")["base_model"] == "Qwen/Qwen2.5-0.5B"
+    assert header(base="Qwen/Qwen2.5-0.5B", lora=True)["library_name"] == "peft"
+    assert header(base="Qwen/Qwen2.5-0.5B", lora=True, merged=True)["library_name"] == "transformers"
+    assert "base_model" not in header(base="preset tiny") and "base_model" not in header(base="/no/such/folder")

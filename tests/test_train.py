@@ -326,7 +326,7 @@ def test_lora_adapter_is_saved_reloaded_and_merged(pretrained, shared_data, tmp_
     merged_logits = AutoModelForCausalLM.from_pretrained(out)(ids).logits
     assert (adapted_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
     torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
-    assert "lora" in card_header(out)["tags"]
+    assert "lora" in card_header(out)["tags"] and card_header(out)["library_name"] == "transformers"  # merged
 
 
 @pytest.mark.parametrize("command", ["pretrain", "dpo"])
@@ -347,6 +347,9 @@ def test_lora_on_other_stages_saves_an_adapter_that_peft_reloads(pretrained, cor
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert model.peft_config["default"].r == 8
     run_model_card_code(out, cwd=tmp_path)  # the card's snippet loads the adapter with peft, without our package
+    header = card_header(out)
+    assert header["library_name"] == "peft" and "base_model" not in header  # the Hub's keys for an adapter; a
+    # local base is no Hub model to link to
 
 
 def test_a_lora_adapter_as_model_is_merged_and_trained_whole(pretrained, corpus, shared_data, tmp_path):
