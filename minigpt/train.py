@@ -1095,6 +1095,8 @@ def _train(args: argparse.Namespace, command: str, extra_facts: dict | None) -> 
     facts = _facts(run, metrics, extra_facts)
     if trainer.is_world_process_zero():
         save_model_repo(trainer, run.tokenizer, run.out, run.stage, args, facts, run.languages)
+        with contextlib.suppress(OSError):  # an empty checkpoints/ (--save-steps 0) is clutter in a model repo
+            (run.out / CHECKPOINTS_DIR).rmdir()
         summary = f"saved {run.out}: step {facts['steps']}/{facts['max_steps']}"
         logged = len(_logged_losses(trainer.state))
         if logged == 1:  # not "x -> x", which reads as a run that learned nothing

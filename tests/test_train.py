@@ -136,6 +136,7 @@ def test_pretrain_writes_a_hub_model_repo_and_its_loss_falls(pretrained, tmp_pat
     assert run_model_card_code(out, cwd=tmp_path).startswith("Once upon a time")  # the card's snippet continues text
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard logs"
+    assert not any(path.name.startswith(".") or path.name == "checkpoints" for path in out.iterdir())  # no clutter
     header = card_header(out)
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"
     assert set(header["language"]) == {"en", "zh"} and "pretrain" in header["tags"]
