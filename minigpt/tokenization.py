@@ -17,8 +17,9 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -139,8 +140,28 @@ def build_tokenizer_from_texts(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(_without_special_tokens(texts), trainer=trainer)
+    run_interruptibly(lambda: tokenizer.train_from_iterator(_without_special_tokens(texts), trainer=trainer))
     return _wrap(tokenizer)
+
+
+def run_interruptibly(work: Callable[[], object]) -> None:
+    """Run `work` in a worker thread while this one waits: Python acts on Ctrl-C only in the main thread, and only
+    between its own steps, so a long call into Rust (the tokenizers library's BPE merges release the GIL but return
+    only when done, minutes on a large corpus) held Ctrl-C off until it ended. The worker dies with the process."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as error:  # handed to the waiting thread
+            failure.append(error)
+
+    worker = threading.Thread(target=target, name="minigpt-worker", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 def bytes_per_token(tokenizer, texts: Iterable[str], batch_size: int = 256) -> float:
