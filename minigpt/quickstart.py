@@ -150,6 +150,9 @@ def run_quickstart(plan: Plan, out: Path, seed: int = 0, precision: str = "auto"
         raise MiniGPTError(
             f"{out}: holds files a quick start did not write ({', '.join(foreign[:3])}); choose another --out"
         )
+    # A run over an earlier quick start replaces its files stage by stage: stopped half-way, its report must not
+    # vouch for the mix (written anew at the end).
+    (out / "report.json").unlink(missing_ok=True)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

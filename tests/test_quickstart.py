@@ -105,6 +105,20 @@ def test_quickstart_does_not_overwrite_a_folder_it_did_not_write(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_quickstart_stopped_over_an_earlier_one_leaves_no_report_of_it(tmp_path, monkeypatch):
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "report.json").write_text('{"seed": 0}')
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minigpt.data.world.build_world", stopped)  # Ctrl-C as the new world is being built
+    args = quickstart.build_parser().parse_args(["--out", str(tmp_path), "--tiny", "--seed", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        quickstart.run(args, "quickstart")
+    assert not (tmp_path / "report.json").exists()  # the earlier report no longer vouches for what is here
+
+
 @pytest.mark.slow
 def test_default_quickstart_answers_80_percent_of_held_out_questions_in_both_languages(tmp_path):
     report, _ = run_quickstart_command(tmp_path / "quickstart", timeout=1200)
