@@ -1,7 +1,9 @@
 """The one exception type for mistakes in what the user gave us (a file, a flag, a config field).
 
 The CLI prints its message as a single line and exits non-zero, so the message must say *what* was wrong and
-*where* (file, line, field). Anything else that escapes is a bug in MiniGPT and keeps its traceback.
+*where* (file, line, field). Anything else that escapes is a bug in MiniGPT and keeps its traceback. The checks that
+every command makes of the files and folders it is given (a model folder or Hub id, a folder to write, damaged
+weights) live here too, so that each mistake is worded one way.
 """
 
 from __future__ import annotations
