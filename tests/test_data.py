@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -260,6 +261,33 @@ def test_cache_is_not_served_after_the_file_changes(read, tmp_path: Path):
     assert read(path, "pretrain")["text"] == ["one"]  # from the cache
     path.write_text('{"text": "one"}\n{"text": "two"}\n')
     assert read(path, "pretrain")["text"] == ["one", "two"]
+    # An edit of the same size, with the modification time set back (`touch -r`, `cp -p`, `rsync -t`)
+    stat = path.stat()
+    path.write_text('{"text": "one"}\n{"text": "six"}\n')
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read(path, "pretrain")["text"] == ["one", "six"]
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_text(read, tmp_path: Path):
+    """Notepad's UTF-8 files start with a byte order mark and end lines with CRLF: the mark began the first document
+    (the tokenizer learnt it as a token) and every line end inside a document kept its \\r."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes("\ufeffFirst line\r\nsecond line\r\n\r\nNext document\r\n".encode())
+    assert read(path, "pretrain")["text"] == ["First line\nsecond line", "Next document"]
+
+
+def test_folders_leave_out_hidden_files_and_readme(read, tmp_path: Path, capsys):
+    """A folder's .ipynb_checkpoints copy was read as data too (every record twice), .git's files and a dataset
+    card (README.md) were trained on, and macOS's ._ files stopped the run."""
+    folder = tmp_path / "data"
+    for name in ("train.jsonl", ".ipynb_checkpoints/train-checkpoint.jsonl", "sub/more.jsonl"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps({"text": name}) + "\n")
+    (folder / "._train.jsonl").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (folder / "README.md").write_text("# My dataset\n\nA card.\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "description.md").write_text("Unnamed repository\n")
+    assert sorted(read(folder, "pretrain")["text"]) == ["sub/more.jsonl", "train.jsonl"]
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
@@ -305,6 +333,23 @@ BAD_INPUTS = {
         "bad.json:1: field 'conversations[0].from': unknown role 'observation' (expected one of assistant, gpt, human, system, user)",
     ),
     "record not an object": (b'[{"text": "a"}, "b"]', ".json", "bad.json:1: expected a JSON object, got str"),
+    # `cat a.json b.json`: the second array's records were dropped without a word
+    "two JSON arrays": (
+        b'[{"text": "a"}]\n[{"text": "b"}]\n',
+        ".json",
+        "bad.json:2: malformed JSON: more after the array's closing ']'",
+    ),
+    # read as text with a NUL after every character, and a tokenizer trained on it learnt NUL tokens
+    "UTF-16 text": (
+        "First line\n\nSecond\n".encode("utf-16"),
+        ".txt",
+        "bad.txt:1: UTF-16 text (it starts with a UTF-16 byte order mark): save it as UTF-8",
+    ),
+    "UTF-16 without a byte order mark": (
+        "First line\n".encode("utf-16-le"),
+        ".txt",
+        "bad.txt:1: NUL bytes: UTF-16 or binary, not UTF-8 text (save it as UTF-8)",
+    ),
     "empty reply": (
         f'{GOOD_TURNS}\n{{"conversations": [{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": " "}}]}}\n'.encode(),
         ".jsonl",

@@ -304,6 +304,10 @@ def detect_format(record: Any, text_field: str | None = None) -> str | None:
 
 
 def _decode(raw: bytes) -> str | InvalidRecord:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return InvalidRecord(NOT_UTF8, "UTF-16 text (it starts with a UTF-16 byte order mark): save it as UTF-8")
+    if b"\x00" in raw:  # valid UTF-8, but no text has it: UTF-16 without a byte order mark, or a binary file
+        return InvalidRecord(NOT_UTF8, "NUL bytes: UTF-16 or binary, not UTF-8 text (save it as UTF-8)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -342,6 +346,10 @@ def _read_text_documents(path: Path, max_chars: int | None = None) -> Iterator[t
             if isinstance(line, InvalidRecord):
                 yield line_number, line
                 continue
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark (Windows Notepad) is not text
+            if line.endswith("\r\n"):  # Windows line ends: the same text as Unix ones, so the same tokens
+                line = line[:-2] + "\n"
             if not lines:
                 first_line = line_number
             if split_on_separator and DOCUMENT_SEPARATOR in line:
@@ -423,6 +431,9 @@ def _read_json_array(path: Path, skip_invalid: bool) -> Iterator[tuple[int, dict
             raise MiniGPTError(located(path, "malformed JSON: expected ',' or ']' after a record", lineno))
         line += text.count("\n", position, after)
         position = after
+    if text[position + 1 :].strip():  # two arrays one after the other, or anything else after the closing ]
+        line += text.count("\n", position, whitespace.match(text, position + 1).end())
+        raise MiniGPTError(located(path, "malformed JSON: more after the array's closing ']'", line))
 
 
 def _read_json(path: Path, skip_invalid: bool) -> Iterator[tuple[int, dict | InvalidRecord]]:
@@ -463,15 +474,26 @@ def _read_records(
     return _read_parquet(path)
 
 
+def _left_out_of_folders(relative: Path) -> bool:
+    """Files a folder holds that are not its data: hidden ones (.git, Jupyter's .ipynb_checkpoints copies, macOS's
+    ._ files) and a dataset card (README.md, as every Hub dataset has)."""
+    return any(part.startswith(".") for part in relative.parts) or relative.stem.lower() == "readme"
+
+
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The data files named by `paths`: files as given, folders searched recursively for the suffixes we read."""
+    """The data files named by `paths`: files as given, folders searched recursively for the suffixes we read (leaving
+    out hidden files and README files)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
     files: list[Path] = []
     for given in map(Path, paths):
         if given.is_dir():
-            found = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            found = sorted(
+                p
+                for p in given.rglob("*")
+                if p.is_file() and p.suffix.lower() in suffixes and not _left_out_of_folders(p.relative_to(given))
+            )
             if not found:
                 raise MiniGPTError(located(given, f"folder has no data files ({', '.join(suffixes)})"))
             files += found
@@ -639,7 +661,8 @@ def _cache_key(files: list[Path], **settings: Any) -> str:
     # The reader's own source is part of the key, so a fixed reader never serves records an older one wrote.
     identity = {
         "reader": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        # ctime too: unlike the modification time, no copy tool or `touch` can set it back after an edit
+        "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ctime_ns) for f in files],
         **settings,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
