@@ -581,12 +581,48 @@ def test_preference_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(
     capsys.readouterr()
     kept = prepare_preference(pairs, tokenizer, max_length=1024)
     too_long = sum(length >= 1024 for length in prompt_lengths)
-    assert 0 < too_long < len(pairs) and len(kept) == len(pairs) - too_long
-    assert capsys.readouterr().out == (
+    assert 0 < too_long < len(pairs) and len(kept) <= len(pairs) - too_long
+    assert capsys.readouterr().out.startswith(
         f"dropped {too_long:,} of {len(pairs):,} preference pairs whose prompt fills max length 1024\n"
     )
     with pytest.raises(MiniGPTError, match="every preference prompt is at least 8 tokens long"):
         prepare_preference(pairs, tokenizer, max_length=8)
+
+
+def test_preference_pairs_cut_by_max_length_are_counted_and_left_out_when_the_cut_replies_are_the_same(
+    read, shared_data, tokenizer, tmp_path, capsys
+):
+    """TRL keeps the start of prompt + reply within max_length: at 64 tokens most replies of the rasbt pairs were cut
+    without a word, and 177 pairs were left with the same chosen and rejected tokens (no gradient, and a DPO loss
+    of log 2 diluting the rest). Checked here against the tokens TRL's DPOTrainer itself makes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = read(shared_data / "dpo/rasbt_instruction-data-with-preference_en.json", "preference").select(range(200))
+    capsys.readouterr()
+    kept = prepare_preference(pairs, tokenizer, max_length=64)
+    report = capsys.readouterr().out
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    arguments = DPOConfig(
+        output_dir=str(tmp_path / "dpo"), max_length=64, use_cpu=True, bf16=False, report_to="none",
+        save_strategy="no", activation_checkpointing=False,
+    )  # fmt: skip
+    model, reference = Qwen2ForCausalLM(config), Qwen2ForCausalLM(config)
+    trainer = DPOTrainer(model, reference, args=arguments, train_dataset=kept, processing_class=tokenizer)
+    trl_pairs = trainer.train_dataset
+    cut = same_after_cut = 0
+    for pair in trl_pairs:
+        room = 64 - len(pair["prompt_ids"])
+        cut += len(pair["chosen_ids"]) > room or len(pair["rejected_ids"]) > room
+        same_after_cut += pair["chosen_ids"][:room] == pair["rejected_ids"][:room]
+    assert same_after_cut == 0 and cut > 0
+    left_out = int(report.split("left out ")[1].split(" of")[0])
+    assert left_out > 0 and f"cut the replies of {cut:,} of {len(kept):,} preference pairs to max length 64" in report
 
 
 def test_preference_pairs_with_the_same_reply_twice_are_left_out_and_counted(read, shared_data, tokenizer, capsys):

@@ -201,7 +201,8 @@ class SFTCollator:
 
 def prepare_preference(dataset: Dataset, tokenizer, max_length: int, num_proc: int | None = None) -> Dataset:
     """Keep the pairs TRL's DPOTrainer can learn from at `max_length`: two different replies (the same reply twice
-    gives no gradient; real files have such pairs), and a prompt that leaves room for a reply.
+    gives no gradient; real files have such pairs), a prompt that leaves room for a reply, and replies that still
+    differ within that room (TRL cuts prompt + reply to `max_length`); the pairs whose replies are cut are counted.
 
     TRL drops long prompts itself, but when it drops all of them the error is an opaque IndexError; here the counts
     are printed and an empty result is a MiniGPTError."""
@@ -212,9 +213,25 @@ def prepare_preference(dataset: Dataset, tokenizer, max_length: int, num_proc: i
             for chosen, rejected in zip(batch["chosen"], batch["rejected"])
         ]
 
-    def prompt_fits(batch: dict[str, list]) -> list[bool]:
+    def measure(batch: dict[str, list]) -> dict[str, list]:
+        """The room `max_length` leaves each reply after its prompt, whether a reply is longer (TRL keeps the start
+        of prompt + reply), and whether the two replies are the same within it (TRL's tokens: template of the whole
+        conversation minus the template of the prompt)."""
         prompts = tokenizer.apply_chat_template(batch["prompt"], add_generation_prompt=True, return_dict=True)
-        return [len(ids) < max_length for ids in prompts["input_ids"]]
+        prompts = prompts["input_ids"]
+        replies = {}
+        for side in ("chosen", "rejected"):
+            whole = tokenizer.apply_chat_template(
+                [p + r for p, r in zip(batch["prompt"], batch[side])], return_dict=True
+            )
+            replies[side] = [ids[len(prompt) :] for ids, prompt in zip(whole["input_ids"], prompts)]
+        rooms = [max_length - len(prompt) for prompt in prompts]
+        pairs = list(zip(replies["chosen"], replies["rejected"], rooms))
+        return {
+            "_room": rooms,
+            "_cut": [len(chosen) > room or len(rejected) > room for chosen, rejected, room in pairs],
+            "_same_when_cut": [chosen[:room] == rejected[:room] for chosen, rejected, room in pairs],
+        }
 
     different = dataset.filter(different_replies, batched=True, num_proc=num_proc, desc="Checking replies")
     if len(different) == 0:
@@ -222,10 +239,28 @@ def prepare_preference(dataset: Dataset, tokenizer, max_length: int, num_proc: i
     if len(different) < len(dataset):
         same = len(dataset) - len(different)
         print(f"left out {same:,} of {len(dataset):,} preference pairs whose chosen and rejected replies are the same")
-    kept = different.filter(prompt_fits, batched=True, num_proc=num_proc, desc="Checking prompt lengths")
-    dropped = len(different) - len(kept)
+    measured = different.map(measure, batched=True, num_proc=num_proc, desc="Checking lengths")
+    fits = measured.filter(lambda room: room > 0, input_columns="_room", batch_size=None, desc="Dropping long prompts")
+    dropped = len(different) - len(fits)
     if dropped:
         print(f"dropped {dropped:,} of {len(different):,} preference pairs whose prompt fills max length {max_length}")
-    if len(kept) == 0:
+    if len(fits) == 0:
         raise MiniGPTError(f"every preference prompt is at least {max_length} tokens long: raise --max-length")
-    return kept
+    kept = fits.filter(
+        lambda same: not same, input_columns="_same_when_cut", batch_size=None, desc="Dropping same pairs"
+    )
+    if len(kept) < len(fits):
+        print(
+            f"left out {len(fits) - len(kept):,} of {len(fits):,} preference pairs whose replies are the same within "
+            f"max length {max_length} (they differ only after the cut)"
+        )
+    if len(kept) == 0:
+        raise MiniGPTError(
+            f"every preference pair's replies are the same within {max_length} tokens: raise --max-length"
+        )
+    cut = sum(kept["_cut"])
+    if cut:
+        print(
+            f"cut the replies of {cut:,} of {len(kept):,} preference pairs to max length {max_length} (prompt + reply)"
+        )
+    return kept.remove_columns(["_room", "_cut", "_same_when_cut"])
