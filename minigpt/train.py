@@ -121,6 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         mixing.add_argument(
             "--mix-block-size", type=int, default=None, help="tokens per --mix-data row; if not given, --max-length"
         )
+        mixing.add_argument(
+            "--mix-text-field",
+            default=None,
+            help="the JSON field that holds the text of --mix-data records (as --text-field does for --data)",
+        )
         parser.add_argument(
             "--neftune-alpha",
             type=float,
@@ -507,7 +512,7 @@ def _mix_pretraining(sft_train, args: argparse.Namespace, tokenizer, passes: int
 
     from .data import load_records, pack_pretraining
 
-    records = load_records(args.mix_data, "pretrain", skip_invalid=args.skip_invalid)
+    records = load_records(args.mix_data, "pretrain", text_field=args.mix_text_field, skip_invalid=args.skip_invalid)
     blocks = pack_pretraining(records, tokenizer, args.mix_block_size or args.max_length)
     wanted = passes * round(len(sft_train) * args.mix_ratio / (1 - args.mix_ratio))
     order = np.random.default_rng(args.seed).permutation(len(blocks))

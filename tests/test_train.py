@@ -286,6 +286,20 @@ def test_sft_mix_data_gives_each_pass_over_the_sft_rows_its_own_pretraining_bloc
     assert trainer.args.num_train_epochs == 1
 
 
+def test_sft_mix_data_reads_json_by_its_own_text_field(pretrained, shared_data, tmp_path):
+    """chinese-poetry JSON needs a text field; --text-field is --data's (an Alpaca file here): the mix had none."""
+    base, _ = pretrained
+    flags = ["--model", str(base), "--data", str(shared_data / "sft/rasbt_instruction-data_en_alpaca.json")]
+    flags += ["--mix-data", str(shared_data / "pretrain/songci_ci.song.0.json"), "--mix-text-field", "paragraphs"]
+    flags += ["--mix-block-size", "32", "--max-length", "128", "--max-steps", "4", "--out", str(tmp_path / "out")]
+    trainer = train.prepare(
+        train.resolve_args(train.parse_args("sft", stage_args("sft", *flags)), "sft"), "sft"
+    ).trainer
+    chat_start = trainer.processing_class.convert_tokens_to_ids("<|im_start|>")
+    poems = [row["input_ids"] for row in trainer.train_dataset if chat_start not in row["input_ids"]]
+    assert poems and "。" in "".join(trainer.processing_class.decode(poem) for poem in poems)  # Song lyrics
+
+
 def test_dpo_on_both_preference_files(pretrained, shared_data, tmp_path):
     base, _ = pretrained
     out = tmp_path / "dpo"

@@ -679,7 +679,7 @@ def load_records(
 ) -> Dataset:
     """Read data files of any supported format into a memory-mapped `datasets.Dataset` in `kind`'s normal form.
 
-    Results are cached by file identity (path, size, modification time) and settings, so the second run of a stage
+    Results are cached by file identity (path, size, modification and change times) and settings, so the second run of a stage
     on a multi-GB file starts at once. Preference data can be read as kind "sft" (prompt + chosen reply)."""
     from datasets import Dataset
     from tqdm.auto import tqdm
