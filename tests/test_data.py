@@ -288,6 +288,9 @@ def test_folders_leave_out_hidden_files_and_readme(read, tmp_path: Path, capsys)
     (folder / ".git").mkdir()
     (folder / ".git" / "description.md").write_text("Unnamed repository\n")
     assert sorted(read(folder, "pretrain")["text"]) == ["sub/more.jsonl", "train.jsonl"]
+    # a file given twice, or a folder and a file in it, is read once
+    both = [folder, folder / "train.jsonl", folder / "sub" / ".." / "train.jsonl"]
+    assert sorted(read(both, "pretrain")["text"]) == ["sub/more.jsonl", "train.jsonl"]
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

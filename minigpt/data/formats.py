@@ -481,8 +481,8 @@ def _left_out_of_folders(relative: Path) -> bool:
 
 
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The data files named by `paths`: files as given, folders searched recursively for the suffixes we read (leaving
-    out hidden files and README files)."""
+    """The data files named by `paths`, each once: files as given, folders searched recursively for the suffixes we
+    read (leaving out hidden files and README files)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
@@ -507,7 +507,11 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             raise MiniGPTError(located(given, "no such file or folder"))
     if not files:
         raise MiniGPTError("no data files given")
-    return files
+    # A file named twice (a folder and a file in it, `data/*.jsonl data/a.jsonl`) is read once, not twice.
+    once = {}
+    for file in files:
+        once.setdefault(file.resolve(), file)
+    return list(once.values())
 
 
 # --- records in normal form ----------------------------------------------------------------------------------------
