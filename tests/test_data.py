@@ -288,6 +288,14 @@ def test_folders_leave_out_hidden_files_and_readme(read, tmp_path: Path, capsys)
     (folder / ".git").mkdir()
     (folder / ".git" / "description.md").write_text("Unnamed repository\n")
     assert sorted(read(folder, "pretrain")["text"]) == ["sub/more.jsonl", "train.jsonl"]
+    (folder / "more.csv").write_text("text\nnot read\n")
+    (folder / "sub" / "big.jsonl.gz").write_bytes(b"\x1f\x8b")
+    capsys.readouterr()
+    read(folder, "pretrain", verbose=True)
+    assert capsys.readouterr().out.endswith(
+        "left out 2 files of other types in the data folders (.csv, .gz): minigpt reads .txt, .text, .md, .jsonl, "
+        ".json, .parquet\n"
+    )
     # a file given twice, or a folder and a file in it, is read once
     both = [folder, folder / "train.jsonl", folder / "sub" / ".." / "train.jsonl"]
     assert sorted(read(both, "pretrain")["text"]) == ["sub/more.jsonl", "train.jsonl"]

@@ -35,6 +35,7 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+DATA_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 
 
 # --- what can be wrong with a record -------------------------------------------------------------------------------
@@ -480,12 +481,25 @@ def _left_out_of_folders(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts) or relative.stem.lower() == "readme"
 
 
+def _unread_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files in the given folders that `find_files` passes over for their type (a .csv, a .jsonl.gz)."""
+    return [
+        file
+        for given in map(Path, paths)
+        if given.is_dir()
+        for file in given.rglob("*")
+        if file.is_file()
+        and file.suffix.lower() not in DATA_SUFFIXES
+        and not _left_out_of_folders(file.relative_to(given))
+    ]
+
+
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """The data files named by `paths`, each once: files as given, folders searched recursively for the suffixes we
     read (leaving out hidden files and README files)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+    suffixes = DATA_SUFFIXES
     files: list[Path] = []
     for given in map(Path, paths):
         if given.is_dir():
@@ -683,8 +697,8 @@ def load_records(
 ) -> Dataset:
     """Read data files of any supported format into a memory-mapped `datasets.Dataset` in `kind`'s normal form.
 
-    Results are cached by file identity (path, size, modification and change times) and settings, so the second run of a stage
-    on a multi-GB file starts at once. Preference data can be read as kind "sft" (prompt + chosen reply)."""
+    Results are cached by file identity (path, size, modification and change times) and settings, so the second run
+    of a stage on a multi-GB file starts at once. Preference data can be read as kind "sft" (prompt + chosen reply)."""
     from datasets import Dataset
     from tqdm.auto import tqdm
 
@@ -710,6 +724,13 @@ def load_records(
         )
         if summary["skipped"]:
             print(summary["skipped"])
+        unread = _unread_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
+        if unread:
+            kinds = ", ".join(sorted({file.suffix or file.name for file in unread}))
+            print(
+                f"left out {len(unread):,} file{'s' if len(unread) != 1 else ''} of other types in the data folders "
+                f"({kinds}): minigpt reads {', '.join(DATA_SUFFIXES)}"
+            )
     if len(dataset) == 0:
         raise MiniGPTError(f"no usable {kind} records in {', '.join(map(str, files))}")
     return dataset
