@@ -76,9 +76,11 @@ def require_model_folder(path: str | os.PathLike) -> None:
 
 def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
     """Refuse, before any work, a folder to write that cannot be written: its nearest existing folder must take a
-    file (a permission check alone misses read-only disks, immutable folders and root's view of them)."""
+    file (a permission check alone misses read-only disks, immutable folders and root's view of them). A file where
+    the folder should be is refused as `refuse_a_file` refuses it."""
     import tempfile
 
+    refuse_a_file(path, flag)
     path = Path(path).absolute()
     existing = next(folder for folder in (path, *path.parents) if folder.exists())
     if not existing.is_dir():

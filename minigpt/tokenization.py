@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import MiniGPTError, check_writable, located, one_line_errors, refuse_a_file
+from .errors import MiniGPTError, check_writable, located, one_line_errors
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -237,7 +237,6 @@ def train_tokenizer(
 def _check_out_dir(out_dir: Path) -> None:
     """--out must be a folder that holds no model: a new tokenizer there would silently replace the one the model's
     embeddings were trained with (its token ids then mean other text)."""
-    refuse_a_file(out_dir)
     check_writable(out_dir)
     if (out_dir / "config.json").is_file():
         raise MiniGPTError(

@@ -39,7 +39,6 @@ from .errors import (
     located,
     no_such_folder,
     one_line_errors,
-    refuse_a_file,
 )
 from .model_card import RUN_FACTS_FILE, run_facts
 from .tokenization import require_tokenizer
@@ -335,7 +334,6 @@ def _check_args(args: argparse.Namespace, stage: Stage) -> None:
         if folder and not Path(folder).is_dir():
             problem = "a file, not a folder" if Path(folder).exists() else no_such_folder(folder)
             raise MiniGPTError(located(folder, f"{flag}: {problem}"))
-    refuse_a_file(args.out)
     check_writable(args.out)
     if args.lora and not args.model:
         raise MiniGPTError("--lora adapts a trained model (--model DIR); a new model from a preset trains all weights")
