@@ -475,23 +475,22 @@ def _read_records(
     return _read_parquet(path)
 
 
-def _left_out_of_folders(relative: Path) -> bool:
-    """Files a folder holds that are not its data: hidden ones (.git, Jupyter's .ipynb_checkpoints copies, macOS's
-    ._ files) and a dataset card (README.md, as every Hub dataset has)."""
-    return any(part.startswith(".") for part in relative.parts) or relative.stem.lower() == "readme"
+def _folder_files(folder: Path) -> list[Path]:
+    """The files in `folder` and below that may be data, sorted: not the hidden ones (.git, Jupyter's
+    .ipynb_checkpoints copies, macOS's ._ files), nor a dataset card (README.md, as every Hub dataset has)."""
+    return sorted(
+        file
+        for file in folder.rglob("*")
+        if file.is_file()
+        and not any(part.startswith(".") for part in file.relative_to(folder).parts)
+        and file.stem.lower() != "readme"
+    )
 
 
 def _unread_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Files in the given folders that `find_files` passes over for their type (a .csv, a .jsonl.gz)."""
-    return [
-        file
-        for given in map(Path, paths)
-        if given.is_dir()
-        for file in given.rglob("*")
-        if file.is_file()
-        and file.suffix.lower() not in DATA_SUFFIXES
-        and not _left_out_of_folders(file.relative_to(given))
-    ]
+    folders = [Path(given) for given in paths if Path(given).is_dir()]
+    return [file for folder in folders for file in _folder_files(folder) if file.suffix.lower() not in DATA_SUFFIXES]
 
 
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -499,22 +498,19 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     read (leaving out hidden files and README files)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    suffixes = DATA_SUFFIXES
     files: list[Path] = []
     for given in map(Path, paths):
         if given.is_dir():
-            found = sorted(
-                p
-                for p in given.rglob("*")
-                if p.is_file() and p.suffix.lower() in suffixes and not _left_out_of_folders(p.relative_to(given))
-            )
+            found = [file for file in _folder_files(given) if file.suffix.lower() in DATA_SUFFIXES]
             if not found:
-                raise MiniGPTError(located(given, f"folder has no data files ({', '.join(suffixes)})"))
+                raise MiniGPTError(located(given, f"folder has no data files ({', '.join(DATA_SUFFIXES)})"))
             files += found
         elif given.is_file():
-            if given.suffix.lower() not in suffixes:
+            if given.suffix.lower() not in DATA_SUFFIXES:
                 raise MiniGPTError(
-                    located(given, f"unsupported file type '{given.suffix}' (expected one of {', '.join(suffixes)})")
+                    located(
+                        given, f"unsupported file type '{given.suffix}' (expected one of {', '.join(DATA_SUFFIXES)})"
+                    )
                 )
             files.append(given)
         else:
